@@ -1,0 +1,153 @@
+"""Validation at the edge: turn a request body into packed tensors, or say exactly what is wrong.
+
+Pure Python: a tensor is checked against the model's metadata (datatype, shape) and packed
+with the standard library's ``array`` into the raw bytes the worker reads with numpy. One
+bad request is refused here, so it never joins (and fails) a batch of good ones.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from app.errors import BadRequest
+from tasks.contract import DATATYPES
+from tasks.metadata import ModelMetadata, TensorSpec
+
+FP32_MAX = 3.4028234663852886e38
+
+ELEMENT_TYPES: dict[str, tuple[type, ...]] = {
+    "BOOL": (bool,),
+    "FP32": (int, float),
+    "FP64": (int, float),
+}  # the integer datatypes take int
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A validated input: ``shape[0]`` rows, ``data`` packed in native byte order."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def wire(self) -> list[Any]:
+        return [self.name, self.datatype, list(self.shape), self.data]
+
+
+def flatten(data: Any, shape: tuple[int, ...], name: str) -> list[Any]:
+    """Row-major elements of ``data``, which is either flat or nested exactly as ``shape``."""
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name!r}: data must be a list")
+    if data and isinstance(data[0], list):
+        level: list[Any] = [data]
+        for dim in shape:
+            nested: list[Any] = []
+            for sub in level:
+                if not isinstance(sub, list) or len(sub) != dim:
+                    raise BadRequest(f"input {name!r}: data is not nested as shape {list(shape)}")
+                nested.extend(sub)
+            level = nested
+        return level
+    if len(data) != math.prod(shape):
+        raise BadRequest(f"input {name!r}: shape {list(shape)} takes {math.prod(shape)} elements, got {len(data)}")
+    return data
+
+
+def pack(spec: TensorSpec, flat: list[Any]) -> bytes:
+    """Check every element's type against ``spec.datatype`` and pack them."""
+    allowed = ELEMENT_TYPES.get(spec.datatype, (int,))
+    kinds = set(map(type, flat))
+    if not kinds.issubset(allowed):
+        bad = sorted(k.__name__ for k in kinds - set(allowed))
+        raise BadRequest(f"input {spec.name!r}: datatype {spec.datatype} does not take {', '.join(bad)} values")
+    if spec.datatype == "FP32" and flat and max(map(abs, flat)) > FP32_MAX:
+        raise BadRequest(f"input {spec.name!r}: a value is out of FP32 range")
+    try:
+        return array(DATATYPES[spec.datatype].typecode, flat).tobytes()
+    except OverflowError:
+        raise BadRequest(f"input {spec.name!r}: a value is out of {spec.datatype} range") from None
+
+
+def tensor(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Tensor:
+    if len(shape) != len(spec.shape) or tuple(shape[1:]) != spec.row_shape or shape[0] < 1:
+        raise BadRequest(
+            f"input {spec.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}"
+        )
+    return Tensor(spec.name, spec.datatype, shape, pack(spec, flatten(data, shape, spec.name)))
+
+
+def check_rows(meta: ModelMetadata, tensors: list[Tensor], max_rows: int) -> int:
+    rows = {t.shape[0] for t in tensors}
+    if len(rows) != 1:
+        raise BadRequest("all inputs must have the same number of rows")
+    n = rows.pop()
+    if n > max_rows:
+        raise BadRequest(f"{n} rows is more than model {meta.name!r} takes in one request ({max_rows})")
+    return n
+
+
+@dataclass(frozen=True)
+class SimpleInput:
+    tensors: list[Tensor]
+    rows: int
+    single_row: bool  # the client sent one row as a flat list: answer one row
+
+
+def parse_simple(meta: ModelMetadata, data: Any, max_rows: int) -> SimpleInput:
+    """The simple API's ``input``: one row (flat list) or a list of rows, for the first input."""
+    if len(meta.inputs) != 1:
+        raise BadRequest(f"model {meta.name!r} has several inputs: use /v2/models/{meta.name}/infer")
+    spec = meta.inputs[0]
+    if not isinstance(data, list) or not data:
+        raise BadRequest("'input' must be a non-empty list (one row) or a list of rows")
+    single = not isinstance(data[0], list) and len(spec.row_shape) == 1
+    rows = [data] if single else data
+    t = tensor(spec, rows, (len(rows), *spec.row_shape))
+    return SimpleInput([t], check_rows(meta, [t], max_rows), single)
+
+
+def parse_v2_inputs(meta: ModelMetadata, raw_inputs: Any, max_rows: int) -> tuple[list[Tensor], int]:
+    """Open Inference Protocol ``inputs``: every declared input, once, with matching datatype."""
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty list")
+    specs = {s.name: s for s in meta.inputs}
+    given: dict[str, Tensor] = {}
+    for raw in raw_inputs:
+        if not isinstance(raw, dict):
+            raise BadRequest("each input must be an object with name, shape, datatype and data")
+        name = raw.get("name")
+        spec = specs.get(name)  # type: ignore[arg-type]
+        if spec is None:
+            raise BadRequest(f"model {meta.name!r} has no input {name!r} (it takes {sorted(specs)})")
+        if name in given:
+            raise BadRequest(f"input {name!r} is given twice")
+        if raw.get("datatype") != spec.datatype:
+            raise BadRequest(f"input {name!r}: datatype must be {spec.datatype}, got {raw.get('datatype')!r}")
+        shape = raw.get("shape")
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise BadRequest(f"input {name!r}: shape must be a list of integers")
+        if "data" not in raw:
+            raise BadRequest(f"input {name!r}: no data")
+        given[spec.name] = tensor(spec, raw["data"], tuple(shape))
+    missing = sorted(set(specs) - set(given))
+    if missing:
+        raise BadRequest(f"missing inputs: {missing}")
+    tensors = [given[s.name] for s in meta.inputs]
+    return tensors, check_rows(meta, tensors, max_rows)
+
+
+def unpack(datatype: str, data: bytes) -> list[Any]:
+    """A worker's raw output bytes as a flat list of JSON values."""
+    values = array(DATATYPES[datatype].typecode, data).tolist()
+    return [bool(v) for v in values] if datatype == "BOOL" else values
+
+
+def nest(flat: list[Any], shape: list[int]) -> list[Any]:
+    """Row-major ``flat`` as nested lists of ``shape``."""
+    for dim in reversed(shape[1:]):
+        flat = [flat[i : i + dim] for i in range(0, len(flat), dim)]
+    return flat

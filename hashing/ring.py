@@ -1,0 +1,162 @@
+"""Consistent-hash ring: which worker owns a routing key.
+
+Every gateway process, on every machine, must route a key to the same worker given the same
+membership, and a join or leave must move only the keys whose owner changed (about 1/(N+1) of
+them on a join). A ring of virtual points does both: each node contributes ``round(vnodes *
+weight)`` points hashed with a stable 64-bit hash (blake2b, never Python's salted ``hash()``),
+a key belongs to the first point clockwise at or after its own hash, and adding or removing a
+node only inserts or deletes that node's points. The ring is a plain data structure — sorted
+points plus ``bisect`` — with no I/O; membership (who is in the ring) lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+
+HashFn = Callable[[bytes | str], int]
+
+DEFAULT_VNODES = 150
+DEFAULT_LOAD_FACTOR = 1.25
+
+
+class EmptyRingError(LookupError):
+    """A lookup was made on a ring that has no nodes."""
+
+
+def hash64(data: bytes | str) -> int:
+    """Stable unsigned 64-bit hash: blake2b with an 8-byte digest, read big-endian.
+
+    A ``str`` is hashed as its UTF-8 bytes, so ``hash64("k") == hash64(b"k")``.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big")
+
+
+class Ring:
+    """Consistent-hash ring with virtual nodes and weights.
+
+    Invariant: ``_ring`` holds every virtual point as ``(point, node_id)`` sorted ascending, and
+    ``_points`` is its first column (what ``bisect`` searches). Points that collide are ordered
+    by ``node_id``, so the owner of a contested point does not depend on insertion order.
+    """
+
+    def __init__(self, vnodes: int = DEFAULT_VNODES, hash_fn: HashFn = hash64) -> None:
+        if vnodes < 1:
+            raise ValueError(f"vnodes must be >= 1, got {vnodes}")
+        self._vnodes = vnodes
+        self._hash = hash_fn
+        self._weights: dict[str, float] = {}
+        self._ring: list[tuple[int, str]] = []
+        self._points: list[int] = []
+
+    @property
+    def vnodes(self) -> int:
+        """Virtual points per node of weight 1.0."""
+        return self._vnodes
+
+    @property
+    def nodes(self) -> dict[str, float]:
+        """A copy of the membership: node_id -> weight."""
+        return dict(self._weights)
+
+    def __len__(self) -> int:
+        """Number of (physical) nodes, not virtual points."""
+        return len(self._weights)
+
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._weights
+
+    def add(self, node_id: str, weight: float = 1.0) -> None:
+        """Add ``node_id`` with ``max(1, round(vnodes * weight))`` points.
+
+        Re-adding an existing node replaces its weight (and its points). Raises ``ValueError``
+        when ``weight`` is not a finite number > 0.
+        """
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+        if node_id in self._weights:
+            self.remove(node_id)
+        self._weights[node_id] = weight
+        for i in range(max(1, round(self._vnodes * weight))):
+            entry = (self._hash(f"{node_id}#{i}"), node_id)
+            index = bisect_left(self._ring, entry)
+            self._ring.insert(index, entry)
+            self._points.insert(index, entry[0])
+
+    def remove(self, node_id: str) -> None:
+        """Remove ``node_id`` and its points; raises ``KeyError`` if it is not in the ring."""
+        if node_id not in self._weights:
+            raise KeyError(node_id)
+        del self._weights[node_id]
+        self._ring = [entry for entry in self._ring if entry[1] != node_id]
+        self._points = [point for point, _ in self._ring]
+
+    def lookup(self, key: bytes | str) -> str:
+        """The owner of ``key``: the node of the first point at or after ``hash(key)``, wrapping."""
+        return self._ring[self._start(key)][1]
+
+    def preference_list(self, key: bytes | str, n: int) -> list[str]:
+        """The owner of ``key`` then the next distinct nodes clockwise: ``min(n, len(self))`` ids.
+
+        Used for replicas and fail-over; ``n <= 0`` gives an empty list.
+        """
+        if n <= 0:
+            self._start(key)  # an empty ring still raises
+            return []
+        chosen: list[str] = []
+        for node_id in self._successors(key):
+            chosen.append(node_id)
+            if len(chosen) == n:
+                break
+        return chosen
+
+    def lookup_bounded(
+        self, key: bytes | str, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR
+    ) -> str:
+        """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
+
+        Walks the preference order of ``key`` and returns the first node whose load + 1 fits
+        ``capacity = ceil(c * (total + 1) / N)``, where ``total`` sums ``loads`` over the ring's
+        nodes (missing nodes count 0; nodes outside the ring are ignored). Assigning keys one by
+        one this way keeps every node at or below ``ceil(c * K / N)`` after K assignments. Since
+        the least-loaded node always fits when ``c >= 1``, a node is always returned.
+        Raises ``ValueError`` when ``c < 1`` or a load is negative.
+        """
+        if not c >= 1.0:
+            raise ValueError(f"c must be >= 1, got {c!r}")
+        if not self._weights:
+            raise EmptyRingError("cannot look up a key in an empty ring")
+        total = 0
+        for node_id in self._weights:
+            load = loads.get(node_id, 0)
+            if load < 0:
+                raise ValueError(f"load of {node_id!r} is negative: {load}")
+            total += load
+        capacity = math.ceil(c * (total + 1) / len(self._weights))
+        for node_id in self._successors(key):
+            if loads.get(node_id, 0) + 1 <= capacity:
+                return node_id
+        raise AssertionError("unreachable: the least-loaded node always fits when c >= 1")
+
+    def _start(self, key: bytes | str) -> int:
+        """Index in ``_ring`` of the first point at or after ``hash(key)``, wrapping to 0."""
+        if not self._ring:
+            raise EmptyRingError("cannot look up a key in an empty ring")
+        index = bisect_left(self._points, self._hash(key))
+        return 0 if index == len(self._points) else index
+
+    def _successors(self, key: bytes | str) -> Iterator[str]:
+        """Distinct nodes clockwise from the owner of ``key``; every node exactly once."""
+        start = self._start(key)
+        seen: set[str] = set()
+        size = len(self._ring)
+        for offset in range(size):
+            node_id = self._ring[(start + offset) % size][1]
+            if node_id not in seen:
+                seen.add(node_id)
+                yield node_id
+                if len(seen) == len(self._weights):
+                    return

@@ -1,0 +1,84 @@
+"""Every knob of ringserve, read from ``RINGSERVE_*`` environment variables in one place.
+
+The gateway and the workers both build a :class:`Settings`; tests build their own and
+hand them in (``create_app(settings)``, ``make_celery(settings)``). Names carry units.
+This module imports only the standard library so that any process may use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "RINGSERVE_"
+
+REDIS_URL = "redis://127.0.0.1:6390/0"
+MODEL_REPOSITORY = str(Path(__file__).resolve().parent.parent / "models")
+DEFAULT_MODEL = "digits"
+VNODES = 150
+NODE_WEIGHT = 1.0
+MAX_BATCH_SIZE = 32
+MAX_DELAY_MS = 20
+BATCH_IDLE_MS = 2.0
+REQUEST_TIMEOUT_MS = 10_000
+MAX_BODY_BYTES = 8 * 1024 * 1024
+MEMBER_TTL_MS = 5_000
+HEARTBEAT_MS = 1_000
+RING_REFRESH_MS = 250
+REPLY_TTL_S = 60
+VISIBILITY_TIMEOUT_S = 60
+PREFETCH_MESSAGES = 256
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by gateways and workers; see README "Configuration"."""
+
+    redis_url: str = REDIS_URL
+    model_repository: str = MODEL_REPOSITORY
+    default_model: str = DEFAULT_MODEL
+    vnodes: int = VNODES
+    node_id: str = ""
+    node_weight: float = NODE_WEIGHT
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_delay_ms: int = MAX_DELAY_MS
+    batch_idle_ms: float = BATCH_IDLE_MS
+    request_timeout_ms: int = REQUEST_TIMEOUT_MS
+    max_body_bytes: int = MAX_BODY_BYTES
+    member_ttl_ms: int = MEMBER_TTL_MS
+    heartbeat_ms: int = HEARTBEAT_MS
+    ring_refresh_ms: int = RING_REFRESH_MS
+    reply_ttl_s: int = REPLY_TTL_S
+    visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
+    prefetch_messages: int = PREFETCH_MESSAGES
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Settings from ``RINGSERVE_<FIELD>`` variables; ``overrides`` (e.g. CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, raw, f.default)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    if name == "api_keys":
+        return tuple(k.strip() for k in raw.split(",") if k.strip())
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid number") from None
+    return raw

@@ -1,0 +1,212 @@
+"""Fixtures with real parts: a redis-server on a free port and real Celery worker processes.
+
+Nothing here mocks Redis or Celery. The redis-server binary is ``$RINGSERVE_REDIS_SERVER``
+(set by ``./docker-free-run.sh test``) or the one on PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from hashing.membership import Membership
+from tasks.contract import queue_name
+from tasks.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class RedisServer:
+    def __init__(self, tmp: Path) -> None:
+        binary = os.environ.get("RINGSERVE_REDIS_SERVER") or shutil.which("redis-server")
+        if not binary:
+            raise RuntimeError("no redis-server: run the tests with ./docker-free-run.sh test")
+        self.binary = binary
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp), "--databases", "64"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = Redis.from_url(self.url())
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except Exception:
+                return False
+
+        wait_until(up, 10, "redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+class DatabasePool:
+    """Hands every cluster its own Redis database, so clusters never see each other."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self) -> int:
+        self.next += 1
+        return self.next
+
+
+_dbs = DatabasePool()
+
+
+class Worker:
+    """A real ``celery -A tasks worker`` process serving one node of the ring."""
+
+    def __init__(self, node_id: str, settings: Settings, log_dir: Path) -> None:
+        self.node_id = node_id
+        self.settings = settings
+        self.log_path = log_dir / f"{node_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **settings_env(self.settings), "OPENBLAS_NUM_THREADS": "1"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{self.node_id}@%h",
+                 "-Q", queue_name(self.node_id), "--pool", "solo", "--without-mingle", "--without-gossip",
+                 "--loglevel", "INFO"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a worker process build the same settings."""
+    return {
+        "RINGSERVE_REDIS_URL": settings.redis_url,
+        "RINGSERVE_MEMBER_TTL_MS": str(settings.member_ttl_ms),
+        "RINGSERVE_HEARTBEAT_MS": str(settings.heartbeat_ms),
+        "RINGSERVE_MAX_BATCH_SIZE": str(settings.max_batch_size),
+        "RINGSERVE_MAX_DELAY_MS": str(settings.max_delay_ms),
+        "RINGSERVE_BATCH_IDLE_MS": str(settings.batch_idle_ms),
+        "RINGSERVE_MODEL_REPOSITORY": settings.model_repository,
+    }
+
+
+class Cluster:
+    """Workers on one Redis database, plus helpers to watch membership."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.workers: dict[str, Worker] = {}
+        self.redis = Redis.from_url(settings.redis_url)
+        self.membership = Membership(self.redis, settings.member_ttl_ms)
+
+    def start(self, *node_ids: str) -> None:
+        for node_id in node_ids:
+            worker = self.workers[node_id] = Worker(node_id, self.settings, self.log_dir)
+            worker.start()
+        for node_id in node_ids:
+            wait_until(lambda n=node_id: n in self.membership.alive(), 60, f"{node_id} to join the ring")
+
+    def stop(self, node_id: str, sig: int = signal.SIGTERM) -> None:
+        self.workers.pop(node_id).stop(sig)
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+        self.redis.close()
+
+
+def make_settings(redis_server: RedisServer, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "redis_url": redis_server.url(_dbs.take()),
+        "member_ttl_ms": 2000,
+        "heartbeat_ms": 200,
+        "ring_refresh_ms": 100,
+        "request_timeout_ms": 15_000,
+        "model_repository": str(ROOT / "models"),
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two workers kept for the whole session by the tests that do not disturb them."""
+    cluster = Cluster(make_settings(redis_server), tmp_path_factory.mktemp("shared-workers"))
+    cluster.start("worker_a", "worker_b")
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def cluster_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Private clusters, on their own database, for tests that stop or kill workers."""
+    made: list[Cluster] = []
+
+    def make(**overrides: object) -> Cluster:
+        cluster = Cluster(make_settings(redis_server, **overrides), tmp_path)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.close()

@@ -1,0 +1,292 @@
+"""Unit and property tests for hashing.ring: determinism, balance, movement, bounded loads."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hashing.ring import EmptyRingError, Ring, hash64
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEYS = [f"key-{i}" for i in range(100_000)]
+WORKERS = [f"worker_{i}" for i in range(1, 11)]
+MAX_OVER_MEAN = 1.25  # goal: no node above 1.25x the mean share of keys
+MOVED_SLACK = 1.1  # goal: a join moves at most 1.1 x 1/(N+1) of the keys
+
+node_ids = st.text(alphabet="abcdefghij_0123456789", min_size=1, max_size=6)
+node_sets = st.lists(node_ids, min_size=1, max_size=8, unique=True)
+keys = st.one_of(st.text(max_size=20), st.binary(max_size=20))
+fast = settings(max_examples=60, deadline=None)
+
+
+def ring_of(nodes: list[str], vnodes: int = 150) -> Ring:
+    ring = Ring(vnodes=vnodes)
+    for node_id in nodes:
+        ring.add(node_id)
+    return ring
+
+
+@pytest.fixture(scope="module")
+def owners_by_size() -> dict[int, list[str]]:
+    """Owner of every key in KEYS for rings worker_1..worker_N, N = 3..10, grown by add()."""
+    ring = ring_of(WORKERS[:2])
+    owners: dict[int, list[str]] = {}
+    for size in range(3, 11):
+        ring.add(WORKERS[size - 1])
+        owners[size] = [ring.lookup(key) for key in KEYS]
+    return owners
+
+
+# --- hash64 -----------------------------------------------------------------------------------
+
+
+def test_hash64_known_values() -> None:
+    # Regression anchors: changing these re-routes every key in every deployment.
+    assert hash64(b"") == 16476032584258269876
+    assert hash64("key-0") == 9679884382612836663
+    assert hash64("worker_1#0") == 3870094202261206359
+
+
+def test_hash64_str_is_utf8_bytes_and_64_bit() -> None:
+    assert hash64("clé") == hash64("clé".encode())
+    assert all(0 <= hash64(key) < 2**64 for key in KEYS[:1000])
+
+
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_owners_identical_across_processes(seed: str) -> None:
+    nodes = WORKERS[:5]
+    ring = ring_of(nodes)
+    expected = [ring.lookup(f"key-{i}") for i in range(200)]
+    code = (
+        "import json, sys\n"
+        "from hashing.ring import Ring\n"
+        "ring = Ring()\n"
+        "for node_id in sys.argv[1:]:\n"
+        "    ring.add(node_id)\n"
+        "print(json.dumps([ring.lookup(f'key-{i}') for i in range(200)]))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *nodes],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert json.loads(done.stdout) == expected
+
+
+# --- balance and movement on fixed keys --------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", range(3, 11))
+def test_balance_max_over_mean(owners_by_size: dict[int, list[str]], size: int) -> None:
+    counts = Counter(owners_by_size[size])
+    assert set(counts) == set(WORKERS[:size])
+    assert max(counts.values()) / (len(KEYS) / size) <= MAX_OVER_MEAN
+
+
+@pytest.mark.parametrize("size", range(3, 10))
+def test_join_moves_only_keys_of_new_node(owners_by_size: dict[int, list[str]], size: int) -> None:
+    before, after = owners_by_size[size], owners_by_size[size + 1]
+    newcomer = WORKERS[size]
+    moved = [new for old, new in zip(before, after, strict=True) if old != new]
+    assert set(moved) == {newcomer}
+    assert len(moved) / len(KEYS) <= MOVED_SLACK / (size + 1)
+
+
+def test_leave_moves_only_keys_of_leaving_node(owners_by_size: dict[int, list[str]]) -> None:
+    ring = ring_of(WORKERS[:6])
+    ring.remove("worker_3")
+    for key, old in zip(KEYS[:20_000], owners_by_size[6], strict=False):
+        new = ring.lookup(key)
+        assert new == old or old == "worker_3"
+        assert new != "worker_3"
+
+
+def test_remove_undoes_add(owners_by_size: dict[int, list[str]]) -> None:
+    ring = ring_of(WORKERS[:4])
+    ring.add("worker_9")
+    ring.remove("worker_9")
+    assert [ring.lookup(key) for key in KEYS[:20_000]] == owners_by_size[4][:20_000]
+
+
+def test_weight_two_gets_twice_the_keys() -> None:
+    ring = ring_of(WORKERS[:4])
+    ring.add("heavy", weight=2.0)
+    counts = Counter(ring.lookup(key) for key in KEYS[:50_000])
+    light_mean = sum(counts[node_id] for node_id in WORKERS[:4]) / 4
+    assert abs(counts["heavy"] / light_mean - 2.0) <= 0.15 * 2.0
+
+
+def test_points_per_node_follow_weight() -> None:
+    hashed: list[bytes | str] = []
+
+    def recording_hash(data: bytes | str) -> int:
+        hashed.append(data)
+        return hash64(data)
+
+    ring = Ring(vnodes=10, hash_fn=recording_hash)
+    ring.add("a", weight=2.5)
+    ring.add("b", weight=0.001)
+    assert sorted(hashed) == sorted([f"a#{i}" for i in range(25)] + ["b#0"])
+
+
+def test_readd_replaces_weight() -> None:
+    ring = ring_of(["a", "b", "c"])
+    ring.add("b", weight=3.0)
+    fresh = Ring()
+    for node_id, weight in [("a", 1.0), ("b", 3.0), ("c", 1.0)]:
+        fresh.add(node_id, weight)
+    assert ring.nodes == {"a": 1.0, "b": 3.0, "c": 1.0}
+    assert [ring.lookup(key) for key in KEYS[:5000]] == [fresh.lookup(key) for key in KEYS[:5000]]
+
+
+def test_collisions_break_ties_by_node_id() -> None:
+    def constant_hash(data: bytes | str) -> int:
+        return 42
+
+    for order in (["b", "a", "c"], ["c", "b", "a"], ["a", "c", "b"]):
+        ring = Ring(vnodes=3, hash_fn=constant_hash)
+        for node_id in order:
+            ring.add(node_id)
+        assert ring.lookup("anything") == "a"
+        assert ring.preference_list("anything", 3) == ["a", "b", "c"]
+
+
+def test_membership_views() -> None:
+    ring = ring_of(["a", "b"])
+    assert len(ring) == 2 and "a" in ring and "z" not in ring
+    view = ring.nodes
+    view["z"] = 1.0
+    assert "z" not in ring  # nodes is a copy
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_empty_ring_raises() -> None:
+    ring = Ring()
+    with pytest.raises(EmptyRingError):
+        ring.lookup("k")
+    with pytest.raises(EmptyRingError):
+        ring.preference_list("k", 2)
+    with pytest.raises(EmptyRingError):
+        ring.lookup_bounded("k", {})
+    ring.add("a")
+    ring.remove("a")
+    with pytest.raises(LookupError):
+        ring.lookup("k")
+
+
+def test_remove_unknown_node_raises_key_error() -> None:
+    with pytest.raises(KeyError):
+        ring_of(["a"]).remove("b")
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, math.nan, math.inf])
+def test_bad_weight_raises_value_error(weight: float) -> None:
+    ring = Ring()
+    with pytest.raises(ValueError):
+        ring.add("a", weight)
+    assert "a" not in ring
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        Ring(vnodes=0)
+    ring = ring_of(["a", "b"])
+    with pytest.raises(ValueError):
+        ring.lookup_bounded("k", {}, c=0.9)
+    with pytest.raises(ValueError):
+        ring.lookup_bounded("k", {"a": -1})
+
+
+# --- properties --------------------------------------------------------------------------------
+
+
+def brute_force_order(ring: Ring, nodes: list[str], key: bytes | str) -> list[str]:
+    """Distinct nodes clockwise from hash(key), computed from scratch from the definition."""
+    vnodes = ring.vnodes
+    points = sorted((hash64(f"{node_id}#{i}"), node_id) for node_id in nodes for i in range(vnodes))
+    h = hash64(key)
+    start = next((i for i, (point, _) in enumerate(points) if point >= h), 0)
+    order: list[str] = []
+    for _, node_id in points[start:] + points[:start]:
+        if node_id not in order:
+            order.append(node_id)
+    return order
+
+
+@fast
+@given(nodes=node_sets, key=keys, n=st.integers(min_value=0, max_value=10))
+def test_preference_list_property(nodes: list[str], key: bytes | str, n: int) -> None:
+    ring = ring_of(nodes, vnodes=20)
+    prefs = ring.preference_list(key, n)
+    assert len(prefs) == min(n, len(nodes))
+    assert len(set(prefs)) == len(prefs)
+    assert set(prefs) <= set(nodes)
+    if n >= 1:
+        assert prefs[0] == ring.lookup(key)
+    assert prefs == brute_force_order(ring, nodes, key)[: len(prefs)]
+
+
+@fast
+@given(nodes=node_sets, key=keys, data=st.data())
+def test_ring_independent_of_insertion_order(nodes: list[str], key: bytes | str, data: st.DataObject) -> None:
+    shuffled = data.draw(st.permutations(nodes))
+    first, second = ring_of(nodes, vnodes=20), ring_of(shuffled, vnodes=20)
+    assert first.preference_list(key, len(nodes)) == second.preference_list(key, len(nodes))
+
+
+# --- bounded loads -----------------------------------------------------------------------------
+
+
+@fast
+@given(nodes=node_sets, key=keys)
+def test_bounded_with_zero_loads_equals_lookup(nodes: list[str], key: bytes | str) -> None:
+    ring = ring_of(nodes, vnodes=20)
+    assert ring.lookup_bounded(key, {}) == ring.lookup(key)
+    assert ring.lookup_bounded(key, dict.fromkeys(nodes, 0)) == ring.lookup(key)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(min_value=1, max_value=8),
+    assignments=st.lists(st.text(max_size=8), min_size=1, max_size=300),
+    c=st.floats(min_value=1.1, max_value=2.0),
+)
+def test_bounded_never_exceeds_capacity(size: int, assignments: list[str], c: float) -> None:
+    ring = ring_of(WORKERS[:size], vnodes=20)
+    loads: Counter[str] = Counter()
+    for key in assignments:
+        loads[ring.lookup_bounded(key, loads, c)] += 1
+    assert max(loads.values()) <= math.ceil(c * len(assignments) / size)
+
+
+def test_hot_key_spills_over_several_nodes() -> None:
+    ring = ring_of(WORKERS[:5])
+    loads: Counter[str] = Counter()
+    for _ in range(300):
+        loads[ring.lookup_bounded("hot", loads, 1.25)] += 1
+    assert max(loads.values()) <= math.ceil(1.25 * 300 / 5)
+    assert len(loads) >= 4
+    assert loads.most_common(1)[0][0] == ring.lookup("hot")
+    assert list(loads) == ring.preference_list("hot", len(loads))
+
+
+def test_bounded_ignores_loads_of_nodes_outside_ring() -> None:
+    ring = ring_of(["a", "b"])
+    owner = ring.lookup("k")
+    assert ring.lookup_bounded("k", {"gone": 10_000}) == owner
