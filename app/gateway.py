@@ -38,9 +38,13 @@ class Gateway:
             if self._pid == os.getpid():
                 return
             s = self.settings
-            self.redis = Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+            self.redis = Redis.from_url(
+                s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
+            )
             self.dispatcher = Dispatcher(make_celery(s), self.redis, s.vnodes)
-            self.follower = Follower(Membership(self.redis, s.member_ttl_ms), s.ring_refresh_ms, self.dispatcher.set_members)
+            self.follower = Follower(
+                Membership(self.redis, s.member_ttl_ms), s.ring_refresh_ms, self.dispatcher.set_members
+            )
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
             self.follower.start()
             self.listener.start()

@@ -35,6 +35,11 @@ class ReplyListener:
 
     def stop(self) -> None:
         self._stop.set()
+        try:  # wake the blocking pop at once
+            self._redis.rpush(self._key, msgpack.packb([]))
+            self._redis.expire(self._key, 1)
+        except RedisError:
+            pass
         self._thread.join()
 
     def _run(self) -> None:

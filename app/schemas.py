@@ -74,9 +74,7 @@ def pack(spec: TensorSpec, flat: list[Any]) -> bytes:
 
 def tensor(spec: TensorSpec, data: Any, shape: tuple[int, ...]) -> Tensor:
     if len(shape) != len(spec.shape) or tuple(shape[1:]) != spec.row_shape or shape[0] < 1:
-        raise BadRequest(
-            f"input {spec.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}"
-        )
+        raise BadRequest(f"input {spec.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}")
     return Tensor(spec.name, spec.datatype, shape, pack(spec, flatten(data, shape, spec.name)))
 
 

@@ -32,6 +32,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from app.schemas import Tensor
+from hashing.membership import Member
 from hashing.ring import EmptyRingError, Ring
 from tasks.contract import STATS_ROUTED_KEY, TASK_NAME, queue_name, reply_key
 
@@ -74,6 +75,7 @@ class Dispatcher:
         self._redis = redis
         self._vnodes = vnodes
         self.ring = Ring(vnodes)
+        self._members: dict[str, Member] = {}
         self._outbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._pending: dict[str, Call] = {}
         self._lock = threading.Lock()
@@ -112,14 +114,16 @@ class Dispatcher:
         if call is not None:
             call.resolve(reply)
 
-    def set_members(self, members: dict[str, float]) -> None:
-        """Follow membership: swap in a new ring, re-send what departed workers held."""
+    def set_members(self, members: dict[str, Member]) -> None:
+        """Follow membership: swap in a new ring, re-send what departed (or restarted) workers held."""
         ring = Ring(self._vnodes)
-        for node, weight in members.items():
-            ring.add(node, weight)
+        for node, member in members.items():
+            ring.add(node, member.weight)
+        gone = {n for n, m in self._members.items() if members.get(n) != m}
+        self._members = members
         self.ring = ring
         with self._lock:
-            orphans = [c for c in self._pending.values() if c.node is not None and c.node not in members]
+            orphans = [c for c in self._pending.values() if c.node in gone]
         if orphans:
             log.warning("re-sending %d unanswered requests of departed workers", len(orphans))
         for call in orphans:

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -26,16 +27,29 @@ from tasks.contract import MEMBERS_KEY, member_key
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Member:
+    """A live worker: its share of the ring and which run of the process this is.
+
+    A worker restarted under the same id gets a new ``incarnation``: whatever the old process
+    held is gone, and followers can tell even if the restart was quicker than the ttl.
+    """
+
+    weight: float
+    incarnation: str
+
+
 class Membership:
     def __init__(self, redis: Redis, ttl_ms: int) -> None:
         self._redis = redis
         self._ttl_ms = ttl_ms
 
-    def announce(self, node_id: str, weight: float = 1.0) -> None:
+    def announce(self, node_id: str, member: Member) -> None:
         """Join, or stay in, the ring for another ``ttl_ms``."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.sadd(MEMBERS_KEY, node_id)
-        pipe.set(member_key(node_id), json.dumps({"weight": weight}), px=self._ttl_ms)
+        value = json.dumps({"weight": member.weight, "incarnation": member.incarnation})
+        pipe.set(member_key(node_id), value, px=self._ttl_ms)
         pipe.execute()
 
     def leave(self, node_id: str) -> None:
@@ -44,19 +58,20 @@ class Membership:
         pipe.delete(member_key(node_id))
         pipe.execute()
 
-    def alive(self) -> dict[str, float]:
-        """Live members and their weights; members whose announcement expired are pruned."""
+    def alive(self) -> dict[str, Member]:
+        """Live members; members whose announcement expired are pruned."""
         ids = sorted(m.decode() if isinstance(m, bytes) else m for m in self._redis.smembers(MEMBERS_KEY))
         if not ids:
             return {}
         values = self._redis.mget([member_key(i) for i in ids])
-        members: dict[str, float] = {}
+        members: dict[str, Member] = {}
         for node_id, raw in zip(ids, values, strict=True):
             if raw is None:
                 self._redis.srem(MEMBERS_KEY, node_id)
                 continue
             try:
-                members[node_id] = float(json.loads(raw)["weight"])
+                announced = json.loads(raw)
+                members[node_id] = Member(float(announced["weight"]), str(announced["incarnation"]))
             except (ValueError, KeyError, TypeError):
                 log.warning("member %s has an unreadable announcement %r; ignored", node_id, raw)
         return members
@@ -73,14 +88,14 @@ class Follower:
         self,
         membership: Membership,
         interval_ms: int,
-        on_change: Callable[[dict[str, float]], None],
+        on_change: Callable[[dict[str, Member]], None],
     ) -> None:
         self._membership = membership
         self._interval_s = interval_ms / 1000
         self._on_change = on_change
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ringserve-membership", daemon=True)
-        self.members: dict[str, float] = {}
+        self.members: dict[str, Member] = {}
         self.healthy = False  # False while Redis cannot be read
 
     def start(self) -> None:
@@ -101,7 +116,7 @@ class Follower:
             return
         self.healthy = True
         if members != self.members:
-            log.info("membership: %s", ", ".join(f"{n}×{w:g}" for n, w in members.items()) or "empty")
+            log.info("membership: %s", ", ".join(f"{n}×{m.weight:g}" for n, m in members.items()) or "empty")
             self.members = members
             self._on_change(dict(members))
 

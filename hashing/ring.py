@@ -113,9 +113,7 @@ class Ring:
                 break
         return chosen
 
-    def lookup_bounded(
-        self, key: bytes | str, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR
-    ) -> str:
+    def lookup_bounded(self, key: bytes | str, loads: Mapping[str, int], c: float = DEFAULT_LOAD_FACTOR) -> str:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018).
 
         Walks the preference order of ``key`` and returns the first node whose load + 1 fits

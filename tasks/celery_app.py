@@ -24,16 +24,16 @@ def make_celery(settings: Settings) -> Celery:
         # Each worker consumes only its own queue (ringserve.<node_id>); nothing has a default.
         task_default_queue="ringserve.default",
         task_create_missing_queues=True,
-        # The batch consumer holds messages unacknowledged until their results are written
-        # (acks late), so a crash never loses one. It needs many messages in hand to build
-        # batches: one worker process (solo pool) prefetches up to ``prefetch_messages``.
+        # Fail-over is the gateway's job: it keeps every unanswered request and re-sends it
+        # when its worker leaves the ring or restarts (app.submit). Broker redelivery would
+        # come only after a visibility timeout, long after the request's deadline, and kombu's
+        # emulated acks cost two Redis round trips per message. So acknowledgements stay in
+        # the worker's memory (ack_emulation off) and only bound how many messages it holds:
+        # the batch consumer acks a message once all its requests were answered, and one
+        # worker process (solo pool) holds up to ``prefetch_messages`` to build batches from.
         task_acks_late=True,
         worker_prefetch_multiplier=settings.prefetch_messages,
-        # Unacknowledged messages of a dead worker are handed back to its queue after this
-        # long; by then the gateways have re-sent that work elsewhere and the worker skips
-        # anything whose deadline passed. It must exceed the longest batch (well under 1 s).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"ack_emulation": False},
         broker_connection_retry_on_startup=True,
         worker_pool="solo",
         worker_concurrency=1,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from celery import Celery, Task, bootsteps
 from redis import Redis
 from redis.exceptions import RedisError
 
-from hashing.membership import Membership
+from hashing.membership import Member, Membership
 from tasks.batching import Batch, BatchPolicy, Collector
 from tasks.contract import (
     DATATYPES,
@@ -101,6 +102,7 @@ class Server:
         self.repository = Repository(settings.model_repository)
         self.redis = Redis.from_url(settings.redis_url)
         self.membership = Membership(self.redis, settings.member_ttl_ms)
+        self.member = Member(settings.node_weight, uuid.uuid4().hex)
         self.collector: Collector[Pending] = Collector(self._policy)
         self._timer: Any = None
         self._wakeup: Any = None
@@ -150,7 +152,7 @@ class Server:
 
     def _announce(self) -> None:
         try:
-            self.membership.announce(self.node_id, self.settings.node_weight)
+            self.membership.announce(self.node_id, self.member)
         except RedisError as exc:
             log.warning("node %s: heartbeat failed: %s", self.node_id, exc)
 
@@ -265,7 +267,8 @@ class Server:
         self, model: Model, live: list[tuple[Pending, dict[str, np.ndarray]]], batch_rows: int
     ) -> list[tuple[Pending, Reply]]:
         inputs = {
-            spec.name: np.concatenate([arrays[spec.name] for _, arrays in live]) if len(live) > 1
+            spec.name: np.concatenate([arrays[spec.name] for _, arrays in live])
+            if len(live) > 1
             else live[0][1][spec.name]
             for spec in model.metadata.inputs
         }
@@ -274,13 +277,18 @@ class Server:
         start = 0
         for p, arrays in live:
             stop = start + next(iter(arrays.values())).shape[0]
-            replies.append((p, {
-                "id": p.item["id"],
-                "node": self.node_id,
-                "batch_size": batch_rows,
-                "version": model.version,
-                "outputs": encode_outputs(model, outputs, start, stop),
-            }))
+            replies.append(
+                (
+                    p,
+                    {
+                        "id": p.item["id"],
+                        "node": self.node_id,
+                        "batch_size": batch_rows,
+                        "version": model.version,
+                        "outputs": encode_outputs(model, outputs, start, stop),
+                    },
+                )
+            )
             start = stop
         return replies
 

@@ -29,7 +29,6 @@ MEMBER_TTL_MS = 5_000
 HEARTBEAT_MS = 1_000
 RING_REFRESH_MS = 250
 REPLY_TTL_S = 60
-VISIBILITY_TIMEOUT_S = 60
 PREFETCH_MESSAGES = 256
 
 
@@ -52,7 +51,6 @@ class Settings:
     heartbeat_ms: int = HEARTBEAT_MS
     ring_refresh_ms: int = RING_REFRESH_MS
     reply_ttl_s: int = REPLY_TTL_S
-    visibility_timeout_s: int = VISIBILITY_TIMEOUT_S
     prefetch_messages: int = PREFETCH_MESSAGES
     api_keys: tuple[str, ...] = field(default_factory=tuple)
 

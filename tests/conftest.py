@@ -56,8 +56,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp), "--databases", "64"],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+                "--databases",
+                "64",
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = Redis.from_url(self.url())
@@ -113,10 +126,28 @@ class Worker:
         env = {**os.environ, **settings_env(self.settings), "OPENBLAS_NUM_THREADS": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-n", f"{self.node_id}@%h",
-                 "-Q", queue_name(self.node_id), "--pool", "solo", "--without-mingle", "--without-gossip",
-                 "--loglevel", "INFO"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks",
+                    "worker",
+                    "-n",
+                    f"{self.node_id}@%h",
+                    "-Q",
+                    queue_name(self.node_id),
+                    "--pool",
+                    "solo",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--loglevel",
+                    "INFO",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:

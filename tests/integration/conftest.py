@@ -7,8 +7,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from app import create_app
-from tests.conftest import Cluster
 from tasks.settings import Settings
+from tests.conftest import Cluster
 
 
 @pytest.fixture

@@ -84,8 +84,8 @@ def test_heavy_model_round_trip(client: FlaskClient) -> None:
 
 def test_same_key_always_lands_on_the_same_node(client: FlaskClient, shared_cluster: Cluster) -> None:
     ring = Ring(shared_cluster.settings.vnodes)
-    for node, weight in shared_cluster.membership.alive().items():
-        ring.add(node, weight)
+    for node, member in shared_cluster.membership.alive().items():
+        ring.add(node, member.weight)
     row = HELDOUT["X"][1].tolist()
     for key in [f"user-{i}" for i in range(12)]:
         nodes = {client.post("/infer", json={"key": key, "input": row}).json["node"] for _ in range(4)}
@@ -102,9 +102,7 @@ def test_keys_spread_over_both_workers(client: FlaskClient, shared_cluster: Clus
     assert nodes == set(shared_cluster.workers)
 
 
-def test_concurrent_requests_are_batched(
-    shared_cluster: Cluster, app_factory: Callable[[Settings], Flask]
-) -> None:
+def test_concurrent_requests_are_batched(shared_cluster: Cluster, app_factory: Callable[[Settings], Flask]) -> None:
     app = app_factory(shared_cluster.settings)
     app.test_client().get("/v2/health/ready")  # start the gateway's threads first
     rows = HELDOUT["X"][:64]

@@ -24,9 +24,7 @@ MLP_LAYERS = [
 ]
 
 
-def write_model(
-    root: Path, name: str, config: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
-) -> None:
+def write_model(root: Path, name: str, config: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
     """A model folder: config.json, and version 1's arrays in weights.npz."""
     folder = root / name
     (folder / "1").mkdir(parents=True)
@@ -136,9 +134,7 @@ def test_embedding_and_concat_match_plain_numpy(tmp_path: Path) -> None:
         model.forward({"features": features, "items": items[:2]})
 
 
-def test_multi_output_model_names_its_outputs_on_layers(
-    tmp_path: Path, mlp_weights: dict[str, np.ndarray]
-) -> None:
+def test_multi_output_model_names_its_outputs_on_layers(tmp_path: Path, mlp_weights: dict[str, np.ndarray]) -> None:
     config = {
         "inputs": [tensor("x", "FP32", 6)],
         "outputs": [tensor("hidden", "FP32", 8), tensor("p", "FP64", 4)],
