@@ -43,7 +43,10 @@ class Gateway:
             )
             self.dispatcher = Dispatcher(make_celery(s), self.redis, s.vnodes)
             self.follower = Follower(
-                Membership(self.redis, s.member_ttl_ms), s.ring_refresh_ms, self.dispatcher.set_members
+                Membership(self.redis, s.member_ttl_ms),
+                s.ring_refresh_ms,
+                self.dispatcher.set_members,
+                self.dispatcher.redis_lost,
             )
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
             self.follower.start()

@@ -147,9 +147,20 @@ class Dispatcher:
             **message.properties,
         )
 
+    def redis_lost(self) -> None:
+        """Redis is gone: nothing in flight can be answered, so answer it now (503)."""
+        with self._lock:
+            calls = list(self._pending.values())
+        if calls:
+            log.warning("failing %d requests in flight: Redis is unreachable", len(calls))
+        self._fail(calls, 503, "the queue (Redis) became unreachable")
+
     def _drop_producer(self) -> None:
         if self._producer is not None:
-            self._producer.release()
+            try:
+                self._producer.release()
+            except Exception as exc:  # a broken connection may fail to release; it is dropped
+                log.debug("sender: producer release failed: %s", exc)
             self._producer = None
 
     def _fail(self, calls: list[Call], status: int, message: str) -> None:

@@ -80,6 +80,9 @@ class Membership:
 class Follower:
     """A thread that polls :class:`Membership` and calls ``on_change`` when it changes.
 
+    ``on_unreachable`` is called once when Redis stops answering: nothing sent through it can
+    be answered until it is back.
+
     Polling every ``interval_ms`` (default 250 ms) keeps a join visible well within 2 s and
     costs two Redis commands per poll per gateway process.
     """
@@ -89,14 +92,16 @@ class Follower:
         membership: Membership,
         interval_ms: int,
         on_change: Callable[[dict[str, Member]], None],
+        on_unreachable: Callable[[], None],
     ) -> None:
         self._membership = membership
         self._interval_s = interval_ms / 1000
         self._on_change = on_change
+        self._on_unreachable = on_unreachable
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ringserve-membership", daemon=True)
         self.members: dict[str, Member] = {}
-        self.healthy = False  # False while Redis cannot be read
+        self.healthy = True  # False while Redis cannot be read
 
     def start(self) -> None:
         self.poll()
@@ -111,9 +116,12 @@ class Follower:
             members = self._membership.alive()
         except RedisError as exc:
             if self.healthy:
-                log.warning("membership: cannot read Redis (%s); keeping the last ring", exc)
-            self.healthy = False
+                log.warning("membership: cannot read Redis (%s)", exc)
+                self.healthy = False
+                self._on_unreachable()
             return
+        if not self.healthy:
+            log.info("membership: Redis answers again")
         self.healthy = True
         if members != self.members:
             log.info("membership: %s", ", ".join(f"{n}×{m.weight:g}" for n, m in members.items()) or "empty")

@@ -116,6 +116,9 @@ class Server:
     def start(self, consumer: Any) -> Callable[..., None]:
         """Called by Celery when the worker (re)connects; returns the message handler."""
         self.node_id = self.settings.node_id or node_id_from_hostname(consumer.hostname)
+        own_queue = queue_name(self.node_id)
+        if own_queue not in consumer.app.amqp.queues:
+            log.warning("node %s does not consume %s: start it with -Q %s", self.node_id, own_queue, own_queue)
         if not self._loaded:
             started = time.perf_counter()
             self.repository.load_all()
@@ -126,9 +129,12 @@ class Server:
                 ", ".join(self.repository.names()),
                 time.perf_counter() - started,
             )
-        own_queue = queue_name(self.node_id)
-        if own_queue not in consumer.app.amqp.queues:
-            log.warning("node %s does not consume %s: start it with -Q %s", self.node_id, own_queue, own_queue)
+            # Whatever waits in our queue was sent to an earlier run of this node; the gateways
+            # re-send it when they see that run leave or restart, so executing it now would only
+            # compute stale work. (On a mere reconnect the queue is kept: it is ours.)
+            stale = consumer.connection.default_channel.queue_purge(own_queue)
+            if stale:
+                log.warning("node %s: discarded %d messages left from an earlier run", self.node_id, stale)
         self._timer = consumer.timer
         self._connection_errors = consumer.connection_errors
         self._announce()
