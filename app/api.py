@@ -63,6 +63,15 @@ def routing_key(explicit: Any, tensors: list[Tensor]) -> str:
     return digest.hexdigest()
 
 
+def client_timeout_ms(value: Any, unit_ms: float, name: str) -> float | None:
+    """A client's own deadline, in ms; it may only shorten the server's."""
+    if value is None:
+        return None
+    if type(value) not in (int, float) or value <= 0:
+        raise BadRequest(f"{name!r} must be a positive number")
+    return float(value) * unit_ms
+
+
 @api.before_app_request
 def _authenticate_and_start() -> None:
     gw = gateway()
@@ -97,7 +106,8 @@ def simple_infer() -> Response:
     if "input" not in body:
         raise BadRequest("missing 'input'")
     parsed = parse_simple(meta, body["input"], gw.max_rows(meta))
-    reply = gw.infer(routing_key(body.get("key"), parsed.tensors), meta, version, parsed.tensors)
+    timeout_ms = client_timeout_ms(body.get("timeout_ms"), 1.0, "timeout_ms")
+    reply = gw.infer(routing_key(body.get("key"), parsed.tensors), meta, version, parsed.tensors, timeout_ms)
     name, datatype, shape, data = reply["outputs"][0]
     values = unpack(datatype, data)
     output = values if parsed.single_row else nest(values, shape)
@@ -174,7 +184,9 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     declared = {o.name for o in meta.outputs}
     if names is not None and not set(names) <= declared:
         raise BadRequest(f"unknown outputs {sorted(set(names) - declared)}; model has {sorted(declared)}")
-    reply = gw.infer(routing_key(params.get("routing_key"), tensors), meta, resolved, tensors)
+    # Triton's convention: parameters.timeout is in microseconds.
+    timeout_ms = client_timeout_ms(params.get("timeout"), 0.001, "parameters.timeout")
+    reply = gw.infer(routing_key(params.get("routing_key"), tensors), meta, resolved, tensors, timeout_ms)
     outputs = [
         {"name": name, "datatype": datatype, "shape": shape, "data": unpack(datatype, data)}
         for name, datatype, shape, data in reply["outputs"]
@@ -201,7 +213,8 @@ def v2_infer(model: str, version: str | None = None) -> Response:
 @api.get("/stats")
 def stats() -> Response:
     gw = gateway()
-    members = gw.follower.members
+    router = gw.dispatcher.router
+    members = router.members
     pipe = gw.redis.pipeline(transaction=False)
     pipe.hgetall(STATS_ROUTED_KEY)
     pipe.hgetall(STATS_BATCHES_KEY)
@@ -224,6 +237,7 @@ def stats() -> Response:
             "batch_size_histogram": ints(batches),
             "errors_by_status": ints(errors),
             "in_flight_this_process": gw.dispatcher.in_flight(),
+            "in_flight_per_node_this_process": router.in_flight(),
         }
     )
 

@@ -14,8 +14,10 @@ from typing import Any
 
 from redis import Redis
 
-from app.errors import DeadlineExceeded, Unavailable, error_for_status
+from app.breaker import Breaker
+from app.errors import DeadlineExceeded, TooManyRequests, Unavailable, error_for_status
 from app.replies import ReplyListener
+from app.routing import EmptyRingError, Router, WorkerFull
 from app.schemas import Tensor
 from app.submit import Call, Dispatcher
 from hashing.membership import Follower, Membership
@@ -41,7 +43,9 @@ class Gateway:
             self.redis = Redis.from_url(
                 s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
             )
-            self.dispatcher = Dispatcher(make_celery(s), self.redis, s.vnodes)
+            breaker = Breaker(s.breaker_failures, s.breaker_cooldown_ms / 1000)
+            router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker)
+            self.dispatcher = Dispatcher(make_celery(s), self.redis, router)
             self.follower = Follower(
                 Membership(self.redis, s.member_ttl_ms),
                 s.ring_refresh_ms,
@@ -65,22 +69,34 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.follower.healthy and len(self.dispatcher.ring) > 0
+        return self.follower.healthy and len(self.dispatcher.router) > 0
 
     def max_rows(self, meta: ModelMetadata) -> int:
         return meta.max_batch_size or self.settings.max_batch_size
 
-    def infer(self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor]) -> dict[str, Any]:
-        """Send one request to its worker and wait for its reply (or raise the error it got)."""
+    def infer(
+        self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], timeout_ms: float | None = None
+    ) -> dict[str, Any]:
+        """Send one request to its worker and wait for its reply (or raise the error it got).
+
+        ``timeout_ms`` (the client's) may only shorten the server's request timeout.
+        """
         if not self.follower.healthy:
             raise Unavailable("the queue (Redis) is unreachable")
-        if len(self.dispatcher.ring) == 0:
-            raise Unavailable("no worker is alive")
-        timeout_s = self.settings.request_timeout_ms / 1000
-        call: Call = self.dispatcher.submit(key, meta.name, version, tensors, time.time() + timeout_s)
-        if not call.done.wait(timeout_s):
+        limit_ms = (
+            self.settings.request_timeout_ms
+            if timeout_ms is None
+            else min(timeout_ms, self.settings.request_timeout_ms)
+        )
+        try:
+            call: Call = self.dispatcher.submit(key, meta.name, version, tensors, time.time() + limit_ms / 1000)
+        except EmptyRingError:
+            raise Unavailable("no worker is alive") from None
+        except WorkerFull as exc:
+            raise TooManyRequests(f"worker {exc.node} has too many requests in flight; retry shortly") from None
+        if not call.done.wait(limit_ms / 1000):
             self.dispatcher.forget(call)
-            raise DeadlineExceeded(f"no result within {self.settings.request_timeout_ms} ms")
+            raise DeadlineExceeded(f"no result within {limit_ms:g} ms")
         reply = call.reply or {}
         if "error" in reply:
             raise error_for_status(int(reply.get("status", 500)), str(reply["error"]))

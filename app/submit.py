@@ -1,8 +1,8 @@
 """Route requests over the ring and send them to the workers' queues, many per Celery message.
 
-Request threads only enqueue a :class:`Call` and wait on it. One sender thread per gateway
-process takes everything that queued up since its last send, routes each call with the ring,
-and sends one Celery message per worker. Under load a message carries many requests, so
+Request threads route a :class:`Call` (:mod:`app.routing`), enqueue it and wait on it. One
+sender thread per gateway process takes everything that queued up since its last send and
+sends one Celery message per worker. Under load a message carries many requests, so
 Celery's per-message cost (milliseconds of CPU on both ends) is paid once per batch, not
 once per request; when idle, a lone request leaves at once.
 
@@ -31,9 +31,9 @@ from kombu.utils.uuid import uuid as new_task_id
 from redis import Redis
 from redis.exceptions import RedisError
 
+from app.routing import Router
 from app.schemas import Tensor
 from hashing.membership import Member
-from hashing.ring import EmptyRingError, Ring
 from tasks.contract import STATS_ROUTED_KEY, TASK_NAME, queue_name, reply_key
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,12 @@ class Call:
 
 
 class Dispatcher:
-    def __init__(self, celery: Celery, redis: Redis, vnodes: int) -> None:
+    def __init__(self, celery: Celery, redis: Redis, router: Router) -> None:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.reply_key = reply_key(self.gateway_id)
+        self.router = router
         self._celery = celery
         self._redis = redis
-        self._vnodes = vnodes
-        self.ring = Ring(vnodes)
-        self._members: dict[str, Member] = {}
         self._outbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._pending: dict[str, Call] = {}
         self._lock = threading.Lock()
@@ -96,56 +94,51 @@ class Dispatcher:
         return len(self._pending)
 
     def submit(self, key: str, model: str, version: str, tensors: list[Tensor], deadline: float) -> Call:
+        """Route and queue one request. Raises EmptyRingError or WorkerFull."""
         call = Call(f"{self.gateway_id}:{next(self._ids)}", key, model, version, tensors, deadline)
+        call.node = self.router.acquire(key)
         with self._lock:
             self._pending[call.id] = call
         self._outbox.put(call)
         return call
 
     def forget(self, call: Call) -> None:
-        """The caller stopped waiting (deadline): a late answer will be dropped."""
+        """The caller stopped waiting (its deadline passed): the worker did not answer in time."""
         with self._lock:
-            self._pending.pop(call.id, None)
+            known = self._pending.pop(call.id, None)
+        if known is not None and known.node is not None:
+            self.router.release(known.node, ok=False)
 
     def resolve(self, reply: dict[str, Any]) -> None:
-        """An answer from a worker; answers nobody waits for are dropped."""
+        """An answer; answers nobody waits for are dropped (so none is given twice)."""
         with self._lock:
             call = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
-        if call is not None:
-            call.resolve(reply)
+        if call is None:
+            return
+        if call.node is not None:
+            from_worker = "node" in reply
+            status = int(reply.get("status", 200))
+            self.router.release(call.node, ok=status < 500 if from_worker else None)
+        call.resolve(reply)
 
     def set_members(self, members: dict[str, Member]) -> None:
-        """Follow membership: swap in a new ring, re-send what departed (or restarted) workers held."""
-        ring = Ring(self._vnodes)
-        for node, member in members.items():
-            ring.add(node, member.weight)
-        gone = {n for n, m in self._members.items() if members.get(n) != m}
-        self._members = members
-        self.ring = ring
+        """Follow membership; re-send what departed (or restarted) workers held."""
+        gone = self.router.set_members(members)
+        if not gone:
+            return
         with self._lock:
             orphans = [c for c in self._pending.values() if c.node in gone]
         if orphans:
-            log.warning("re-sending %d unanswered requests of departed workers", len(orphans))
+            log.warning("re-sending %d unanswered requests of %s", len(orphans), ", ".join(sorted(gone)))
         for call in orphans:
+            self.router.release(call.node, ok=None)  # type: ignore[arg-type]
+            try:
+                call.node = self.router.acquire(call.key)
+            except Exception as exc:  # no worker left, or all full: answer now
+                call.node = None
+                self._fail([call], 503, f"its worker left and no other can take it ({type(exc).__name__})")
+                continue
             self._outbox.put(call)
-
-    def _publish(self, node: str, envelope: dict[str, Any]) -> None:
-        """Publish one task message to ``node``'s queue.
-
-        This is what ``Celery.send_task`` does, less what we do not need per message (routing
-        lookups, an argument repr, a result object): Celery builds the message (protocol 2)
-        and kombu publishes it; measured at about half of ``send_task``'s CPU time.
-        """
-        message = self._celery.amqp.as_task_v2(new_task_id(), TASK_NAME, args=[envelope], argsrepr="", kwargsrepr="")
-        self._producer.publish(
-            message.body,
-            exchange="",
-            routing_key=queue_name(node),
-            serializer="msgpack",
-            headers=message.headers,
-            retry=False,
-            **message.properties,
-        )
 
     def redis_lost(self) -> None:
         """Redis is gone: nothing in flight can be answered, so answer it now (503)."""
@@ -154,14 +147,6 @@ class Dispatcher:
         if calls:
             log.warning("failing %d requests in flight: Redis is unreachable", len(calls))
         self._fail(calls, 503, "the queue (Redis) became unreachable")
-
-    def _drop_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.release()
-            except Exception as exc:  # a broken connection may fail to release; it is dropped
-                log.debug("sender: producer release failed: %s", exc)
-            self._producer = None
 
     def _fail(self, calls: list[Call], status: int, message: str) -> None:
         for call in calls:
@@ -189,19 +174,15 @@ class Dispatcher:
                 self._fail(calls, 503, "the gateway could not queue the request")
 
     def _send(self, calls: list[Call]) -> None:
-        ring = self.ring
         by_node: dict[str, list[Call]] = defaultdict(list)
         now = time.time()
+        seen: set[str] = set()
         for call in calls:
-            if call.id not in self._pending:
-                continue  # answered or abandoned meanwhile
+            if call.id not in self._pending or call.node is None or call.id in seen:
+                continue  # answered or abandoned meanwhile, or queued twice (re-sent)
+            seen.add(call.id)
             if call.deadline <= now:
                 self._fail([call], 504, "deadline passed before the request could be sent")
-                continue
-            try:
-                call.node = ring.lookup(call.key)
-            except EmptyRingError:
-                self._fail([call], 503, "no worker is alive")
                 continue
             by_node[call.node].append(call)
         if not by_node:
@@ -225,3 +206,29 @@ class Dispatcher:
             pipe.execute()
         except RedisError as exc:
             log.debug("sender: statistics not recorded: %s", exc)
+
+    def _publish(self, node: str, envelope: dict[str, Any]) -> None:
+        """Publish one task message to ``node``'s queue.
+
+        This is what ``Celery.send_task`` does, less what we do not need per message (routing
+        lookups, an argument repr, a result object): Celery builds the message (protocol 2)
+        and kombu publishes it; measured at about half of ``send_task``'s CPU time.
+        """
+        message = self._celery.amqp.as_task_v2(new_task_id(), TASK_NAME, args=[envelope], argsrepr="", kwargsrepr="")
+        self._producer.publish(
+            message.body,
+            exchange="",
+            routing_key=queue_name(node),
+            serializer="msgpack",
+            headers=message.headers,
+            retry=False,
+            **message.properties,
+        )
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.release()
+            except Exception as exc:  # a broken connection may fail to release; it is dropped
+                log.debug("sender: producer release failed: %s", exc)
+            self._producer = None

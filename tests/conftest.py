@@ -190,11 +190,18 @@ class Cluster:
         self.membership = Membership(self.redis, settings.member_ttl_ms)
 
     def start(self, *node_ids: str) -> None:
+        """Start workers and wait until each announced itself (a new run, if one was there)."""
+        before = self.membership.alive()
         for node_id in node_ids:
             worker = self.workers[node_id] = Worker(node_id, self.settings, self.log_dir)
             worker.start()
+
+        def announced(node_id: str) -> bool:
+            member = self.membership.alive().get(node_id)
+            return member is not None and member != before.get(node_id)
+
         for node_id in node_ids:
-            wait_until(lambda n=node_id: n in self.membership.alive(), 60, f"{node_id} to join the ring")
+            wait_until(lambda n=node_id: announced(n), 60, f"{node_id} to join the ring")
 
     def stop(self, node_id: str, sig: int = signal.SIGTERM) -> None:
         self.workers.pop(node_id).stop(sig)
