@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from app.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from app.gateway import Gateway
 from app.schemas import Tensor, nest, parse_simple, parse_v2_inputs, unpack
-from tasks.contract import STATS_BATCHES_KEY, STATS_ERRORS_KEY, STATS_ROUTED_KEY, queue_name
+from tasks.contract import STATS_BATCHES_KEY, STATS_ERRORS_KEY, STATS_EXPIRED_KEY, STATS_ROUTED_KEY, queue_name
 from tasks.metadata import ModelMetadata
 
 SERVER_VERSION = "0.1.0"
@@ -219,10 +219,11 @@ def stats() -> Response:
     pipe.hgetall(STATS_ROUTED_KEY)
     pipe.hgetall(STATS_BATCHES_KEY)
     pipe.hgetall(STATS_ERRORS_KEY)
+    pipe.hgetall(STATS_EXPIRED_KEY)
     for node in members:
         pipe.llen(queue_name(node))
     try:
-        routed, batches, errors, *depths = pipe.execute()
+        routed, batches, errors, expired, *depths = pipe.execute()
     except RedisError as exc:
         raise Unavailable(f"statistics unavailable: {exc}") from None
 
@@ -236,6 +237,7 @@ def stats() -> Response:
             "queue_depths": dict(zip(members, depths, strict=True)),
             "batch_size_histogram": ints(batches),
             "errors_by_status": ints(errors),
+            "expired_skipped_per_node": ints(expired),
             "in_flight_this_process": gw.dispatcher.in_flight(),
             "in_flight_per_node_this_process": router.in_flight(),
         }

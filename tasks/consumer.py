@@ -37,6 +37,7 @@ from tasks.batching import Batch, BatchPolicy, Collector
 from tasks.contract import (
     DATATYPES,
     STATS_BATCHES_KEY,
+    STATS_EXPIRED_KEY,
     TASK_NAME,
     node_id_from_hostname,
     queue_name,
@@ -246,9 +247,11 @@ class Server:
         now_ms = time.time() * 1000
         replies: list[tuple[Pending, Reply]] = []
         live: list[tuple[Pending, dict[str, np.ndarray]]] = []
+        expired = 0
         for p in batch.items:
-            if p.item.get("deadline_ms", now_ms + 1) <= now_ms:
+            if p.item.get("deadline_ms", now_ms + 1) <= now_ms:  # its client has been answered 504
                 replies.append((p, self._error(p, 504, "deadline passed before the request was computed")))
+                expired += 1
                 continue
             try:
                 live.append((p, decode_inputs(p.item)))
@@ -267,7 +270,7 @@ class Server:
                         replies.append((p, self._error(p, 400, str(exc))))
                     except Exception as exc:
                         replies.append((p, self._error(p, 500, f"inference failed: {exc}")))
-        self._send_replies(replies, batch_size=rows)
+        self._send_replies(replies, batch_size=rows, expired=expired)
 
     def _forward(
         self, model: Model, live: list[tuple[Pending, dict[str, np.ndarray]]], batch_rows: int
@@ -301,7 +304,7 @@ class Server:
     def _error(self, p: Pending, status: int, message: str) -> Reply:
         return {"id": p.item.get("id"), "node": self.node_id, "status": status, "error": message}
 
-    def _send_replies(self, replies: list[tuple[Pending, Reply]], batch_size: int) -> None:
+    def _send_replies(self, replies: list[tuple[Pending, Reply]], batch_size: int, expired: int = 0) -> None:
         """One pipeline: a blob per gateway, its expiry, and the batch-size statistic."""
         by_gateway: dict[str, list[Reply]] = defaultdict(list)
         for p, reply in replies:
@@ -312,6 +315,8 @@ class Server:
             pipe.expire(reply_to, self.settings.reply_ttl_s)
         if batch_size:
             pipe.hincrby(STATS_BATCHES_KEY, str(batch_size), 1)
+        if expired:
+            pipe.hincrby(STATS_EXPIRED_KEY, self.node_id, expired)
         try:
             pipe.execute()
         except RedisError as exc:

@@ -29,6 +29,7 @@ MEMBERS_KEY = KEY_PREFIX + "members"  # set of node ids that ever announced them
 STATS_ROUTED_KEY = KEY_PREFIX + "stats:routed"  # hash node -> requests routed to it
 STATS_BATCHES_KEY = KEY_PREFIX + "stats:batch_sizes"  # hash rows-per-forward -> count
 STATS_ERRORS_KEY = KEY_PREFIX + "stats:errors"  # hash HTTP status -> count
+STATS_EXPIRED_KEY = KEY_PREFIX + "stats:expired"  # hash node -> requests skipped, deadline passed
 
 
 def queue_name(node_id: str) -> str:

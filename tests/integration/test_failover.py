@@ -204,3 +204,18 @@ def test_client_deadline(client: FlaskClient) -> None:
     assert late_v2.status_code == 504
     assert client.post("/infer", json={"input": ROW, "timeout_ms": -5}).status_code == 400
     assert client.post("/infer", json={"input": ROW, "timeout_ms": 5000}).status_code == 200
+
+
+def test_worker_skips_requests_whose_deadline_passed(
+    cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
+) -> None:
+    cluster = cluster_factory(member_ttl_ms=30_000)
+    cluster.start("w1")
+    app, client = start_gateway(cluster, app_factory)
+    worker = cluster.workers["w1"].proc
+    assert worker is not None
+    worker.send_signal(signal.SIGSTOP)
+    assert client.post("/infer", json={"input": ROW, "timeout_ms": 200}).status_code == 504
+    worker.send_signal(signal.SIGCONT)
+    wait_until(lambda: client.get("/stats").json["expired_skipped_per_node"] == {"w1": 1}, 10, "w1 to skip it")
+    assert client.post("/infer", json={"input": ROW}).status_code == 200
