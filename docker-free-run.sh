@@ -85,11 +85,8 @@ start_redis() {
     || { log "Redis did not start; see run/logs/redis.log"; exit 1; }
 }
 
-start_worker() {  # $1: node id
-  # One solo-pool process per node; numpy single-threaded so that workers share cores fairly.
-  OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-    spawn "$1" "$VENV/bin/celery" -A tasks worker -n "$1@%h" -Q "ringserve.$1" \
-    --pool solo --without-mingle --without-gossip --loglevel INFO
+start_worker() {  # $1: node id. The celery worker command, via tasks/worker.py.
+  spawn "$1" "$PY" -m tasks.worker --node-id "$1" --loglevel INFO
 }
 
 members() {
