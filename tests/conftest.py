@@ -6,6 +6,7 @@ Nothing here mocks Redis or Celery. The redis-server binary is ``$RINGSERVE_REDI
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -201,7 +202,7 @@ class Cluster:
             return member is not None and member != before.get(node_id)
 
         for node_id in node_ids:
-            wait_until(lambda n=node_id: announced(n), 60, f"{node_id} to join the ring")
+            wait_until(functools.partial(announced, node_id), 60, f"{node_id} to join the ring")
 
     def stop(self, node_id: str, sig: int = signal.SIGTERM) -> None:
         self.workers.pop(node_id).stop(sig)
