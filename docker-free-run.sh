@@ -176,6 +176,12 @@ cmd_test() {
   exec "$PY" -m pytest "$@"
 }
 
+cmd_bench() {  # a benchmark scenario of BENCHMARKS.md: it starts and stops its own system
+  ensure_venv requirements.txt
+  cd "$ROOT"
+  exec "$PY" -m bench.scenario "$@"
+}
+
 command="${1:-start}"
 [ $# -gt 0 ] && shift
 case "$command" in
@@ -185,6 +191,7 @@ case "$command" in
   add-worker) cmd_add_worker ;;
   logs) cmd_logs "$@" ;;
   test) cmd_test "$@" ;;
+  bench) cmd_bench "$@" ;;
   help | -h | --help) usage ;;
   *) usage; exit 2 ;;
 esac

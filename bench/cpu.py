@@ -1,0 +1,105 @@
+"""Where the CPU went during a run: seconds per process group from /proc, and the machine's total.
+
+Per-request CPU (gateway, workers, Redis, client) is the profile that says what limits a run on
+a machine whose cores every part shares. The machine total (from /proc/stat) minus everything we
+can name is "other": on a shared machine, a large "other" marks a run disturbed by neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one live process (None once it is gone)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3 of stat(5)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S  # utime, stime: fields 14 and 15
+
+
+def children_map() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process now alive."""
+    tree: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(root: int, tree: Mapping[int, list[int]]) -> list[int]:
+    """``root`` and every process below it."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(tree.get(pid, ()))
+    return found
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent not idle since boot (/proc/stat: all but idle and iowait)."""
+    values = [int(v) for v in (PROC / "stat").read_text().splitlines()[0].split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / CLOCK_TICKS_PER_S
+
+
+class CpuMeter:
+    """CPU seconds spent by named process trees between :meth:`start` and :meth:`stop`.
+
+    ``groups`` maps a name (``gateway``, ``worker_1``, ``redis``…) to the pid at the root of a
+    tree; children (the gateway's forked workers) count toward their root. Processes that start
+    or end in between count from 0 or up to their last reading.
+    """
+
+    def __init__(self, groups: Mapping[str, int]) -> None:
+        self.groups = dict(groups)
+        self._before: dict[str, dict[int, float]] = {}
+        self._after: dict[str, dict[int, float]] = {}
+        self._machine = (0.0, 0.0)
+
+    def _read(self) -> dict[str, dict[int, float]]:
+        tree = children_map()
+        reading: dict[str, dict[int, float]] = {}
+        for name, root in self.groups.items():
+            seconds = {pid: process_cpu_s(pid) for pid in descendants(root, tree)}
+            reading[name] = {pid: s for pid, s in seconds.items() if s is not None}
+        return reading
+
+    def start(self) -> None:
+        self._before = self._read()
+        self._machine = (machine_busy_s(), 0.0)
+
+    def stop(self) -> None:
+        self._after = self._read()
+        self._machine = (self._machine[0], machine_busy_s())
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per group over the measured interval."""
+        used = {}
+        for name in self.groups:
+            before, after = self._before.get(name, {}), self._after.get(name, {})
+            used[name] = sum(after.get(pid, before.get(pid, 0.0)) - before.get(pid, 0.0) for pid in {*before, *after})
+        return used
+
+    def report(self, requests: int, client_cpu_s: float) -> dict[str, Any]:
+        """CPU seconds and CPU ms per request of each group, the client, and everything else."""
+        used = self.seconds()
+        used["client"] = client_cpu_s
+        machine = self._machine[1] - self._machine[0]
+        used["other"] = max(machine - sum(used.values()), 0.0)
+        per_request = {k: 1000 * v / requests for k, v in used.items()} if requests else {}
+        return {"machine_busy_s": machine, "cpu_s": used, "cpu_ms_per_request": per_request}

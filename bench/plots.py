@@ -1,0 +1,207 @@
+"""The figures: every one with a title, axis labels with units and the configuration as a subtitle.
+
+Built on matplotlib's object API (``Figure``), which renders with Agg and keeps no global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+DPI = 110
+NINES = (0, 1, 2, 3)  # x positions 0..3 on the percentile plot: 0%, 90%, 99%, 99.9%
+
+
+def _figure(title: str, subtitle: str, panels: int, width_per_panel: float = 6.0) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width_per_panel * panels, 5.2), layout="constrained")
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    return fig, list(axes)
+
+
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 20 rather than 2×10^0 on log axes
+
+
+def _plain_log(axis: Any) -> None:
+    axis.set_major_formatter(PLAIN)
+    axis.set_minor_formatter(PLAIN)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _labels(runs: Sequence[dict[str, Any]]) -> list[str]:
+    return [str(r.get("label", i)) for i, r in enumerate(runs)]
+
+
+def _bar_values(ax: Axes, bars: Any, fmt: str = "{:,.0f}") -> None:
+    for bar in bars:
+        height = bar.get_height()
+        if height and math.isfinite(height):
+            ax.annotate(
+                fmt.format(height),
+                (bar.get_x() + bar.get_width() / 2, height),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
+
+
+def latency_distribution(latencies: dict[str, list[float]], subtitle: str, path: Path) -> Path:
+    """Histogram (log-spaced bins) and latency by percentile up to p99.9, one line per run."""
+    fig, (hist, pct) = _figure("Latency distribution (successful requests)", subtitle, 2)
+    values = [v for vs in latencies.values() for v in vs if v > 0]
+    if values:
+        bins = np.logspace(math.log10(min(values)), math.log10(max(values)), 60).tolist()
+        for label, vs in latencies.items():
+            if not vs:
+                continue
+            hist.hist(vs, bins=bins, histtype="step", linewidth=1.5, label=label)
+            ordered = np.sort(vs)
+            q = np.linspace(0, 0.999, 400)
+            pct.plot(-np.log10(1 - q), np.quantile(ordered, q), label=label)
+            for mark in (0.5, 0.99):
+                pct.plot(-math.log10(1 - mark), float(np.quantile(ordered, mark)), "o", color="black", markersize=3)
+        hist.set_xscale("log")
+        _plain_log(hist.xaxis)
+        hist.legend(fontsize=8)
+        pct.set_yscale("log")
+        _plain_log(pct.yaxis)
+        pct.legend(fontsize=8)
+    hist.set(xlabel="latency (ms, log scale)", ylabel="requests", title="Histogram")
+    pct.set_xticks(NINES, ["0%", "90%", "99%", "99.9%"])
+    pct.set(xlabel="percentile", ylabel="latency (ms, log scale)", title="Latency by percentile (dots: p50, p99)")
+    pct.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def node_distribution(runs: Sequence[dict[str, Any]], subtitle: str, path: Path) -> Path:
+    """Successful requests per worker, one group of bars per run, with each run's balance."""
+    fig, (ax,) = _figure("Requests per worker (consistent-hash ring)", subtitle, 1, 9)
+    with_nodes = [r for r in runs if r["summary"]["nodes"]]
+    nodes = sorted({n for r in with_nodes for n in r["summary"]["nodes"]})
+    if not with_nodes:
+        ax.text(0.5, 0.5, "no run reported its nodes (peers do not say)", ha="center", transform=ax.transAxes)
+    width = 0.8 / max(len(with_nodes), 1)
+    for i, run in enumerate(with_nodes):
+        counts = [run["summary"]["nodes"].get(n, 0) for n in nodes]
+        b = run["summary"]["balance"]
+        label = f"{run.get('label')}: max/mean {b['max_over_mean']:.3f}, CV {b['cv']:.3f}"
+        bars = ax.bar(np.arange(len(nodes)) + i * width, counts, width, label=label)
+        _bar_values(ax, bars)
+        ax.axhline(sum(counts) / len(nodes), color=bars[0].get_facecolor(), linestyle="--", linewidth=0.8)
+    ax.set_xticks(np.arange(len(nodes)) + width * (len(with_nodes) - 1) / 2, nodes)
+    ax.set(xlabel="worker", ylabel="successful requests", title="dashed: the mean")
+    if with_nodes:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def performance_comparison(
+    runs: Sequence[dict[str, Any]], ceilings: Sequence[dict[str, Any]], subtitle: str, path: Path
+) -> Path:
+    """Throughput of every run (and the in-process ceilings, in rows/s) and their p50/p99 latency."""
+    fig, (tput, lat) = _figure("Performance comparison", subtitle, 2, 7)
+    labels = _labels(runs) + [f"ceiling {c['model']}\nbatch {c['batch']} ×{c['processes']}" for c in ceilings]
+    values = [r["summary"]["throughput_rps"] for r in runs] + [c["rows_per_s"] for c in ceilings]
+    colors = ["tab:blue"] * len(runs) + ["tab:gray"] * len(ceilings)
+    bars = tput.bar(range(len(values)), values, 0.6, color=colors)
+    for bar in bars[len(runs) :]:
+        bar.set_hatch("//")
+    for i, run in enumerate(runs):
+        if run.get("client", {}).get("saturated"):
+            tput.annotate(
+                "client-bound",
+                (i, values[i]),
+                ha="center",
+                xytext=(0, 12),
+                textcoords="offset points",
+                color="tab:red",
+                fontsize=8,
+            )
+    _bar_values(tput, bars)
+    tput.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    tput.set(
+        ylabel="requests/s (ceiling: rows/s)" if ceilings else "requests/s",
+        title="Throughput (grey, hatched: in-process ceiling, no HTTP)" if ceilings else "Throughput",
+        xlim=(-0.7, max(len(values), 2) - 0.3),
+    )
+    x = np.arange(len(runs))
+    for offset, key, color in ((-0.2, "p50", "tab:green"), (0.2, "p99", "tab:orange")):
+        heights = [r["summary"]["latency_ms"][key] or 0 for r in runs]
+        _bar_values(lat, lat.bar(x + offset, heights, 0.4, label=key, color=color), "{:,.1f}")
+    lat.set_xticks(x, _labels(runs), rotation=20, ha="right", fontsize=8)
+    lat.set(ylabel="latency (ms)", title="Latency p50 and p99", xlim=(-0.7, max(len(runs), 2) - 0.3))
+    lat.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def batching_gain(finding: dict[str, Any], histogram: dict[str, int], subtitle: str, path: Path) -> Path:
+    """Dynamic batching on vs off: throughput, p99, and the batch sizes the workers ran."""
+    fig, (tput, p99, sizes) = _figure(
+        f"Dynamic batching: {finding['throughput_ratio']:.2f}x the throughput of max_batch_size=1", subtitle, 3, 5
+    )
+    names = ["on", "off"]
+    _bar_values(tput, tput.bar(names, [finding["throughput_rps"][n] for n in names], color=["tab:blue", "tab:gray"]))
+    tput.set(xlabel="dynamic batching", ylabel="requests/s", title="Throughput")
+    _bar_values(p99, p99.bar(names, [finding["p99_ms"][n] for n in names], color=["tab:blue", "tab:gray"]), "{:,.1f}")
+    p99.set(xlabel="dynamic batching", ylabel="latency (ms)", title="p99 latency")
+    if histogram:
+        sizes_sorted = sorted(histogram, key=int)
+        sizes.bar([int(s) for s in sizes_sorted], [histogram[s] for s in sizes_sorted], color="tab:blue")
+    sizes.set(
+        xlabel="rows per forward pass",
+        ylabel="forward passes",
+        title=f"Batch sizes with batching on (mean {finding['mean_batch_size']['on']:.1f})",
+    )
+    return _save(fig, path)
+
+
+def scaling(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Throughput and p99 against the worker count, with linear scaling from one worker for reference."""
+    fig, (tput, p99) = _figure(f"Scaling with workers on {finding['cores']} cores", subtitle, 2)
+    points = finding["points"]
+    workers = [p["workers"] for p in points]
+    rps = [p["throughput_rps"] for p in points]
+    tput.plot(workers, rps, "o-", label="measured")
+    tput.plot(workers, [rps[0] * w / workers[0] for w in workers], "--", color="gray", label="linear from the first")
+    tput.axvline(finding["cores"], color="tab:red", linestyle=":", label=f"{finding['cores']} cores")
+    tput.set(xlabel="workers", ylabel="requests/s", title="Throughput", xticks=workers)
+    tput.set_ylim(bottom=0)
+    tput.legend(fontsize=8)
+    p99.plot(workers, [p["p99_ms"] for p in points], "o-", color="tab:orange")
+    p99.set(xlabel="workers", ylabel="latency (ms)", title="p99 latency", xticks=workers)
+    p99.set_ylim(bottom=0)
+    return _save(fig, path)
+
+
+def ring_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Load spread and keys moved on add/remove against the ideal, for each ring size."""
+    fig, (spread, cv, moved) = _figure("Consistent-hash ring: balance and movement", subtitle, 3, 5)
+    points = finding["points"]
+    n = [p["nodes"] for p in points]
+    spread.plot(n, [p["max_over_mean"] for p in points], "o-")
+    spread.axhline(1.0, color="gray", linestyle="--", label="perfect")
+    spread.set(xlabel="nodes", ylabel="max / mean keys per node", title="Most loaded node", xticks=n)
+    spread.legend(fontsize=8)
+    cv.plot(n, [p["cv"] for p in points], "o-", color="tab:purple")
+    cv.set(xlabel="nodes", ylabel="coefficient of variation", title="Spread of keys per node", xticks=n)
+    cv.set_ylim(bottom=0)
+    moved.plot(n, [100 * p["moved_on_add"] for p in points], "o", color="tab:blue", label="moved on add")
+    moved.plot(n, [100 * p["ideal_on_add"] for p in points], "-", color="tab:blue", alpha=0.5, label="ideal 1/(N+1)")
+    moved.plot(n, [100 * p["moved_on_remove"] for p in points], "s", color="tab:orange", label="moved on remove")
+    moved.plot(n, [100 * p["ideal_on_remove"] for p in points], "-", color="tab:orange", alpha=0.5, label="ideal 1/N")
+    moved.set(xlabel="nodes before the change (N)", ylabel="keys moved (%)", title="Keys moved", xticks=n)
+    moved.legend(fontsize=8)
+    return _save(fig, path)

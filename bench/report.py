@@ -1,0 +1,126 @@
+"""Plain-text rendering of results: one-line configurations (plot subtitles) and performance_report.txt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _n(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    load = machine.get("load_average_1m")
+    return f"{machine.get('cores')} cores {machine.get('cpu_model')}, Python {machine.get('python')}" + (
+        f", load avg {load:.1f} at start" if load is not None else ""
+    )
+
+
+def load_line(config: dict[str, Any]) -> str:
+    """The load of a run in one line: model, size, concurrency, API, keys, system."""
+    size = f"{config['requests']:,} req" if config.get("requests") else f"{config.get('duration_s')} s"
+    parts = [str(config.get("model")), size, f"{config.get('concurrent')} concurrent", f"{config.get('api')} API"]
+    parts.append(str(config.get("keys")))
+    if config.get("workers") is not None:
+        parts.append(f"{config['workers']} workers")
+    if config.get("settings"):
+        parts.append(" ".join(f"{k}={v}" for k, v in config["settings"].items()))
+    return " · ".join(parts)
+
+
+def subtitle(runs: Sequence[dict[str, Any]], machine: dict[str, Any]) -> str:
+    """What the plots of these runs have in common (the first run's load) and the machine."""
+    first = load_line(runs[0]["config"]) if runs else ""
+    return f"{first}\n{machine_line(machine)}" if first else machine_line(machine)
+
+
+def run_section(run: dict[str, Any]) -> list[str]:
+    s = run["summary"]
+    lat = s["latency_ms"]
+    client = run.get("client", {})
+    lines = [
+        f"== {run.get('label')} ({run.get('scenario')})",
+        f"   load:        {load_line(run['config'])}",
+        f"   requests:    {_n(s['requests'])}  successful {_n(s['successful'])}  failed {_n(s['failed'])}"
+        + (f"  by status {s['failed_by_status']}" if s["failed_by_status"] else ""),
+        f"   throughput:  {_n(s['throughput_rps'])} req/s over {_n(s['duration_s'], 2)} s",
+        "   latency ms:  "
+        + "  ".join(f"{k} {_n(lat[k], 2)}" for k in ("mean", "p50", "p95", "p99", "p999", "max", "std")),
+        f"   nodes:       {s['nodes'] or '-'}  max/mean {_n(s['balance']['max_over_mean'], 3)}"
+        f"  CV {_n(s['balance']['cv'], 3)}",
+        f"   batch size:  mean {_n(s['mean_batch_size'], 2)} rows per forward",
+        f"   client:      {_n(s['client_cpu_percent'])}% of a core,"
+        f" {_n(client.get('cpu_us_per_request'))} µs CPU/request"
+        f" (could drive {_n(client.get('capacity_rps_per_core'), 0)} req/s per core)"
+        + ("  ** CLIENT SATURATED: figures may be the client's limit **" if client.get("saturated") else ""),
+    ]
+    cpu = run.get("server", {}).get("cpu")
+    if cpu:
+        per = cpu["cpu_ms_per_request"]
+        lines.append(
+            "   CPU ms/req:  " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+        )
+        lines.append(f"   machine busy {cpu['machine_busy_s']:.1f} CPU s during the run")
+    return lines
+
+
+def findings_section(findings: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if "batching" in findings:
+        b = findings["batching"]
+        lines += [
+            "== batching: dynamic batching on vs max_batch_size=1, same load",
+            f"   throughput ratio on/off: {_n(b['throughput_ratio'], 2)}x",
+            f"   p99 ms: on {_n(b['p99_ms']['on'], 1)}  off {_n(b['p99_ms']['off'], 1)}",
+            f"   mean batch size: on {_n(b['mean_batch_size']['on'], 2)}  off {_n(b['mean_batch_size']['off'], 2)}",
+        ]
+    if "ceiling" in findings:
+        lines.append("== ceiling: the model in-process (no HTTP, no queue), single-threaded BLAS")
+        for p in findings["ceiling"]["points"]:
+            lines.append(
+                f"   {p['model']:<8} batch {p['batch']:>3}  {p['processes']} process(es):"
+                f" {_n(p['rows_per_s'], 0)} rows/s"
+            )
+    if "served_vs_ceiling" in findings:
+        for label, ratio in findings["served_vs_ceiling"].items():
+            lines.append(f"   served/ceiling {label}: {_n(100 * ratio, 1)}% of the in-process rows/s")
+    if "scaling" in findings:
+        sc = findings["scaling"]
+        lines.append(f"== scaling on {sc['cores']} cores (every process shares them)")
+        for p in sc["points"]:
+            lines.append(f"   {p['workers']} workers: {_n(p['throughput_rps'])} req/s  p99 {_n(p['p99_ms'], 1)} ms")
+    if "ring" in findings:
+        r = findings["ring"]
+        lines.append(f"== ring: {r['keys']:,} keys, {r['vnodes']} vnodes, hash {r['hash']}")
+        lines.append("   nodes  max/mean     CV   moved on add (ideal)   moved on remove (ideal)")
+        for p in r["points"]:
+            lines.append(
+                f"   {p['nodes']:>5}  {p['max_over_mean']:8.3f} {p['cv']:6.3f}   {p['moved_on_add']:.4f} "
+                f"({p['ideal_on_add']:.4f})        {p['moved_on_remove']:.4f} ({p['ideal_on_remove']:.4f})"
+            )
+    if "skipped" in findings:
+        for name, why in findings["skipped"].items():
+            lines.append(f"== skipped {name}: {why}")
+    return lines
+
+
+def report(doc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
+    machine = doc.get("machine") or (runs[0].get("machine", {}) if runs else {})
+    config = doc.get("config", {})
+    lines = [
+        f"ringserve benchmark report: {doc.get('scenario')}",
+        f"machine: {machine_line(machine)}",
+        f"packages: {machine.get('packages')}  commit {machine.get('git_commit')}",
+    ]
+    if config.get("command"):
+        lines.append(f"command: {config['command']}")
+    lines.append("")
+    for run in runs:
+        lines += run_section(run) + [""]
+    lines += findings_section(doc.get("findings", {}))
+    return "\n".join(lines).rstrip() + "\n"

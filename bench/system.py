@@ -1,0 +1,176 @@
+"""A real ringserve for one measurement: started by ./docker-free-run.sh on free ports, always stopped.
+
+The system runs in its own session (so a Ctrl-C at the terminal reaches the benchmark, which
+then stops the system, rather than reaching the workers first) with its own run directory,
+and leaves its logs there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "docker-free-run.sh"
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 120
+LOG_TAIL_LINES = 40
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+REAP_INTERVAL_S = 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+class StartError(RuntimeError):
+    """The system did not start; the message holds the run script's output and the logs' tails."""
+
+
+class Reaper:
+    """Adopts the processes the run script daemonises, and reaps each one as soon as it exits.
+
+    Why: the script's processes outlive it, so they are re-parented; by default to PID 1, which
+    on some machines (this project's sandboxes) reaps exited processes only every ~2 s. The
+    script's ``stop`` waits while ``kill -0`` still succeeds, which it does on a zombie, so every
+    stopped process cost 2 s. As a child subreaper (Linux), this process becomes their parent
+    instead, and a thread reaps exactly the pids it is given (never others: that would steal
+    the exit status of subprocesses waited for elsewhere).
+    """
+
+    def __init__(self) -> None:
+        self._pids: set[int] = set()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-reaper", daemon=True)
+        try:
+            self.enabled = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            self.enabled = False
+
+    def adopt(self, pids: list[int]) -> None:
+        """Reap these pids from now on (call once the script that started them has exited)."""
+        if self.enabled and not self._thread.is_alive():
+            self._pids = set(pids)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while self._pids and not self._closed.wait(REAP_INTERVAL_S):
+            for pid in list(self._pids):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:  # not (or no longer) our child
+                    done = pid
+                if done:
+                    self._pids.discard(pid)
+
+
+class RingServe:
+    """``with RingServe(run_dir, workers=3, settings={"MAX_BATCH_SIZE": "1"}) as system: system.url``.
+
+    ``settings`` are ``RINGSERVE_*`` variables without the prefix, handed to every process.
+    """
+
+    def __init__(self, run_dir: Path, workers: int = 3, settings: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        self.workers = workers
+        self.settings = dict(settings or {})
+        self.port = free_port()
+        self._reaper = Reaper()  # before the script runs, so that what it starts is re-parented to us
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+        self.env.update({f"RINGSERVE_{k}": str(v) for k, v in self.settings.items()})
+        self.env.update(
+            {
+                "RINGSERVE_RUN_DIR": str(run_dir),
+                "RINGSERVE_PORT": str(self.port),
+                "RINGSERVE_FLOWER_PORT": str(free_port()),
+                "RINGSERVE_REDIS_PORT": str(free_port()),
+                "RINGSERVE_WORKERS": str(workers),
+            }
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        return {"system": "ringserve", "workers": self.workers, "settings": self.settings}
+
+    def _script(self, command: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(SCRIPT), command],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> RingServe:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        print(
+            f"starting ringserve ({self.workers} workers, {self.settings or 'default settings'}) in {self.run_dir}",
+            file=sys.stderr,
+        )
+        try:
+            started = self._script("start", START_TIMEOUT_S)
+        except BaseException:
+            self.stop()
+            raise
+        self._reaper.adopt(list(self.pids().values()))
+        if started.returncode != 0:
+            self.stop()
+            raise StartError(f"ringserve did not start:\n{started.stdout}{started.stderr}\n{self.log_tails()}")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop exactly what the script started (it keeps the pids); safe to call twice."""
+        try:
+            stopped = self._script("stop", STOP_TIMEOUT_S)
+        finally:
+            self._reaper.close()
+        if stopped.returncode != 0:
+            print(f"stopping ringserve failed: {stopped.stderr}", file=sys.stderr)
+
+    def pids(self) -> dict[str, int]:
+        """Process name (gateway, worker_1, redis, flower…) -> pid, as the run script recorded them."""
+        return {p.stem: int(p.read_text()) for p in sorted((self.run_dir / "pids").glob("*.pid"))}
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=10) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+
+    def log_tails(self) -> str:
+        tails = []
+        for log in sorted((self.run_dir / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            tails.append(f"--- {log.name}\n" + "\n".join(lines))
+        return "\n".join(tails)
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """What the gateway's counters (/stats) added during a run: requests per node, batch sizes, errors."""
+    delta = {}
+    for name in ("requests_per_node", "batch_size_histogram", "errors_by_status"):
+        old, new = before.get(name, {}), after.get(name, {})
+        delta[name] = {k: int(v) - int(old.get(k, 0)) for k, v in new.items() if int(v) - int(old.get(k, 0))}
+    return delta

@@ -1,0 +1,163 @@
+"""Every benchmark scenario once, at a tiny size, for real: it starts its systems, measures, stops them all.
+
+Checks artifacts and the shape of the results (summary keys exactly as specified); no figure is
+asserted, since timing does not belong in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.results import RESULTS_FILE, runs_of
+from bench.stats import BALANCE_KEYS, LATENCY_KEYS, SUMMARY_KEYS
+from bench.system import RingServe
+from tests.conftest import ROOT, wait_until
+
+pytestmark = pytest.mark.integration
+
+LOAD_ARTIFACTS = (
+    RESULTS_FILE,
+    "performance_report.txt",
+    "latency_distribution.png",
+    "node_distribution.png",
+    "performance_comparison.png",
+)
+ARTIFACTS = {
+    "light": LOAD_ARTIFACTS,
+    "medium": LOAD_ARTIFACTS,
+    "heavy": LOAD_ARTIFACTS,
+    "batching": (*LOAD_ARTIFACTS, "batching_gain.png"),
+    "scaling": (*LOAD_ARTIFACTS, "scaling.png"),
+    "compare": LOAD_ARTIFACTS,
+    "ceiling": (RESULTS_FILE, "performance_report.txt", "performance_comparison.png"),
+    "ring": (RESULTS_FILE, "performance_report.txt", "ring_balance.png"),
+}
+RUNS = {"light": 1, "medium": 1, "heavy": 1, "batching": 2, "scaling": 2, "ceiling": 0, "ring": 0}
+
+
+def bench(*args: str, timeout_s: float = 110) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+
+
+def check_run(run: dict[str, Any]) -> None:
+    summary = run["summary"]
+    assert tuple(summary) == SUMMARY_KEYS
+    assert tuple(summary["latency_ms"]) == LATENCY_KEYS
+    assert tuple(summary["balance"]) == BALANCE_KEYS
+    assert summary["requests"] == len(run["records"]) > 0
+    assert summary["failed"] == 0, summary["failed_by_status"]
+    assert {"start_s", "end_s", "status"} <= set(run["records"][0])
+    assert {"machine", "config", "client"} <= set(run)
+
+
+def no_process_left(out: Path) -> bool:
+    """Every system a scenario started recorded its pids under out/run/<label>/pids; stop removes them."""
+    return not list(out.glob("run/*/pids/*.pid"))
+
+
+@pytest.mark.parametrize("name", list(ARTIFACTS))
+def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
+    done = bench("bench.scenario", name, "--tiny", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for artifact in ARTIFACTS[name]:
+        assert (tmp_path / artifact).stat().st_size > 0, artifact
+    doc = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert doc["scenario"] == name and "machine" in doc and "config" in doc
+    runs = runs_of(doc)
+    if name in RUNS:
+        assert len(runs) == RUNS[name]
+    for run in runs:
+        check_run(run)
+    assert no_process_left(tmp_path)
+    findings = doc.get("findings", {})
+    if name == "batching":
+        assert set(findings["batching"]["mean_batch_size"]) == {"on", "off"}
+        assert findings["batching"]["mean_batch_size"]["off"] == 1.0
+    if name == "ring":
+        points = findings["ring"]["points"]
+        assert [p["nodes"] for p in points] == [3, 4]
+        assert all(p["moved_to_others_on_add"] == 0 for p in points)
+    if name == "compare":
+        assert runs[0]["label"] == "ringserve"
+        assert {r["label"] for r in runs[1:]} | set(findings["skipped"]) == {"naive"}
+
+
+def test_load_generator_and_analysis_against_a_running_system(tmp_path: Path) -> None:
+    """bench.run on its own: v2 API, Zipf keys, two client processes, the aiohttp transport; then bench.analyze."""
+    with RingServe(tmp_path / "system", workers=2) as system:
+        runs = []
+        for transport in ("raw", "aiohttp"):
+            out = tmp_path / transport
+            args = ["--url", system.url, "--api", "v2", "--zipf", "1.1", "--keys", "100", "--processes", "2"]
+            args += ["--requests", "40", "--concurrent", "4", "--warmup", "4", "--transport", transport]
+            done = bench("bench.run", *args, "--run-dir", str(system.run_dir), "--out", str(out), "--label", transport)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs.append(out)
+    for out in runs:
+        doc = json.loads((out / RESULTS_FILE).read_text())
+        check_run(doc)
+        assert doc["client"]["processes"] == 2
+        assert {"gateway", "worker_1", "redis", "client", "other"} <= set(doc["server"]["cpu"]["cpu_s"])
+    merged = tmp_path / "merged"
+    done = bench("bench.analyze", str(runs[0]), str(runs[1] / RESULTS_FILE), "--out", str(merged))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["label"] for r in runs_of(json.loads((merged / RESULTS_FILE).read_text()))] == ["raw", "aiohttp"]
+    for artifact in LOAD_ARTIFACTS:
+        assert (merged / artifact).stat().st_size > 0
+
+
+def test_run_script_bench_subcommand(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(ROOT / "docker-free-run.sh"), "bench", "ring", "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "keys moved" in done.stdout.lower() or "moved on add" in done.stdout
+
+
+def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.scenario",
+            "light",
+            "--tiny",
+            "--requests",
+            "1000000",
+            "--duration",
+            "60",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid_dir = tmp_path / "run" / "light" / "pids"
+        wait_until(lambda: (pid_dir / "gateway.pid").exists() and proc.poll() is None, 60, "the system to start")
+        pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
+        time.sleep(1)  # into the load
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert no_process_left(tmp_path)
+    assert os.path.exists(tmp_path / "run" / "light" / "logs" / "gateway.log")
