@@ -43,14 +43,19 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     written = [write(doc, out / RESULTS_FILE)]
     (out / REPORT_FILE).write_text(report.report(doc, runs))
     written.append(out / REPORT_FILE)
-    ceilings = findings.get("ceiling", {}).get("points", [])
+    references = [
+        (f"ceiling {c['model']}\nbatch {c['batch']} ×{c['processes']}\n(rows/s, no HTTP)", c["rows_per_s"])
+        for c in findings.get("ceiling", {}).get("points", [])
+    ]
+    if "wrk" in findings:
+        references.append((f"wrk -t{findings['wrk']['threads']}\n(C client)", findings["wrk"]["throughput_rps"]))
     if runs:
         by_label = {str(r.get("label")): latencies(r) for r in runs}
         written.append(plots.latency_distribution(by_label, sub, out / "latency_distribution.png"))
         written.append(plots.node_distribution(runs, sub, out / "node_distribution.png"))
-    if runs or ceilings:
-        ceiling_sub = sub if runs else f"{doc.get('config', {}).get('description', '')}\n{report.machine_line(machine)}"
-        written.append(plots.performance_comparison(runs, ceilings, ceiling_sub, out / "performance_comparison.png"))
+    if runs or references:
+        ref_sub = sub if runs else f"{doc.get('config', {}).get('description', '')}\n{report.machine_line(machine)}"
+        written.append(plots.performance_comparison(runs, references, ref_sub, out / "performance_comparison.png"))
     if "batching" in findings:
         on = next(r for r in runs if r.get("label") == findings["batching"]["labels"]["on"])
         hist = on.get("server", {}).get("stats", {}).get("batch_size_histogram", {})

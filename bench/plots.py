@@ -109,13 +109,14 @@ def node_distribution(runs: Sequence[dict[str, Any]], subtitle: str, path: Path)
 
 
 def performance_comparison(
-    runs: Sequence[dict[str, Any]], ceilings: Sequence[dict[str, Any]], subtitle: str, path: Path
+    runs: Sequence[dict[str, Any]], references: Sequence[tuple[str, float]], subtitle: str, path: Path
 ) -> Path:
-    """Throughput of every run (and the in-process ceilings, in rows/s) and their p50/p99 latency."""
+    """Throughput of every run, of references measured alongside (the in-process ceiling in rows/s, wrk),
+    and the runs' p50/p99 latency."""
     fig, (tput, lat) = _figure("Performance comparison", subtitle, 2, 7)
-    labels = _labels(runs) + [f"ceiling {c['model']}\nbatch {c['batch']} ×{c['processes']}" for c in ceilings]
-    values = [r["summary"]["throughput_rps"] for r in runs] + [c["rows_per_s"] for c in ceilings]
-    colors = ["tab:blue"] * len(runs) + ["tab:gray"] * len(ceilings)
+    labels = _labels(runs) + [label for label, _ in references]
+    values = [r["summary"]["throughput_rps"] for r in runs] + [value for _, value in references]
+    colors = ["tab:blue"] * len(runs) + ["tab:gray"] * len(references)
     bars = tput.bar(range(len(values)), values, 0.6, color=colors)
     for bar in bars[len(runs) :]:
         bar.set_hatch("//")
@@ -133,8 +134,10 @@ def performance_comparison(
     _bar_values(tput, bars)
     tput.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     tput.set(
-        ylabel="requests/s (ceiling: rows/s)" if ceilings else "requests/s",
-        title="Throughput (grey, hatched: in-process ceiling, no HTTP)" if ceilings else "Throughput",
+        ylabel="requests/s (ceiling: rows/s)"
+        if any(lbl.startswith("ceiling") for lbl, _ in references)
+        else "requests/s",
+        title="Throughput (grey, hatched: measured alongside for reference)" if references else "Throughput",
         xlim=(-0.7, max(len(values), 2) - 0.3),
     )
     x = np.arange(len(runs))

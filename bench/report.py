@@ -103,6 +103,15 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
                 f"   {p['nodes']:>5}  {p['max_over_mean']:8.3f} {p['cv']:6.3f}   {p['moved_on_add']:.4f} "
                 f"({p['ideal_on_add']:.4f})        {p['moved_on_remove']:.4f} ({p['ideal_on_remove']:.4f})"
             )
+    if "wrk" in findings:
+        w = findings["wrk"]
+        lat = w["latency_ms"]
+        lines += [
+            f"== wrk -t{w['threads']} -c{w['connections']} on the same system (the C client, for reference)",
+            f"   {_n(w['throughput_rps'])} req/s, p50 {_n(lat.get('p50'), 2)} ms, p99 {_n(lat.get('p99'), 2)} ms,"
+            f" non-2xx {w['non_2xx']}, socket errors {w['socket_errors']};"
+            f" wrk used {_n(w['cpu_percent'])}% of a core, {_n(w['cpu_us_per_request'])} µs CPU/request",
+        ]
     if "skipped" in findings:
         for name, why in findings["skipped"].items():
             lines.append(f"== skipped {name}: {why}")

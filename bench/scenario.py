@@ -15,13 +15,21 @@ from pathlib import Path
 from types import FrameType
 
 from bench import analyze, machine
-from bench.scenarios import batching, ceiling, compare, load, ring, scaling
+from bench.scenarios import batching, ceiling, client, compare, load, ring, scaling
 from bench.scenarios.spec import Context, Scenario
 from bench.system import ROOT
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
-    for s in (*load.SCENARIOS, batching.SCENARIO, ceiling.SCENARIO, scaling.SCENARIO, ring.SCENARIO, compare.SCENARIO)
+    for s in (
+        *load.SCENARIOS,
+        batching.SCENARIO,
+        ceiling.SCENARIO,
+        scaling.SCENARIO,
+        ring.SCENARIO,
+        compare.SCENARIO,
+        client.SCENARIO,
+    )
 }
 RESULTS_DIR = ROOT / "bench" / "results"
 

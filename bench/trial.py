@@ -24,6 +24,22 @@ def warm_up(load: Load, requests: int) -> None:
         run_load(dataclasses.replace(load, requests=requests, duration_s=None), progress=False)
 
 
+def measure(
+    system: RingServe, scenario: str, label: str, load: Load, machine: dict[str, Any], warmup: int = WARMUP_REQUESTS
+) -> dict[str, Any]:
+    """One run against a running ringserve, with the CPU each of its processes spent."""
+    load = dataclasses.replace(load, url=system.url)
+    warm_up(load, warmup)
+    meter = CpuMeter(system.pids())
+    before = system.stats()
+    result = run_load(load, label, meter=meter)
+    after = system.stats()
+    successful = sum(r.ok for r in result.records)
+    server = {"cpu": meter.report(successful, result.cpu_s), "stats": stats_delta(before, after)}
+    config = {**load.config(), **system.config(), "warmup_requests": warmup}
+    return run_document(scenario, label, config, machine, result, server)
+
+
 def served(
     scenario: str,
     label: str,
@@ -34,18 +50,9 @@ def served(
     settings: dict[str, str] | None = None,
     warmup: int = WARMUP_REQUESTS,
 ) -> dict[str, Any]:
-    """A run against a ringserve started for it, with the CPU each of its processes spent."""
+    """One run against a ringserve started for it (and stopped after)."""
     with RingServe(run_dir, workers, settings) as system:
-        load = dataclasses.replace(load, url=system.url)
-        warm_up(load, warmup)
-        meter = CpuMeter(system.pids())
-        before = system.stats()
-        result = run_load(load, label, meter=meter)
-        after = system.stats()
-    successful = sum(r.ok for r in result.records)
-    server = {"cpu": meter.report(successful, result.cpu_s), "stats": stats_delta(before, after)}
-    config = {**load.config(), **system.config(), "warmup_requests": warmup}
-    return run_document(scenario, label, config, machine, result, server)
+        return measure(system, scenario, label, load, machine, warmup)
 
 
 KNOWN_PEERS = ("naive", "mosec", "ray")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,8 +41,9 @@ ARTIFACTS = {
     "compare": LOAD_ARTIFACTS,
     "ceiling": (RESULTS_FILE, "performance_report.txt", "performance_comparison.png"),
     "ring": (RESULTS_FILE, "performance_report.txt", "ring_balance.png"),
+    "client": LOAD_ARTIFACTS,
 }
-RUNS = {"light": 1, "medium": 1, "heavy": 1, "batching": 2, "scaling": 2, "ceiling": 0, "ring": 0}
+RUNS = {"light": 1, "medium": 1, "heavy": 1, "batching": 2, "scaling": 2, "ceiling": 0, "ring": 0, "client": 3}
 
 
 def bench(*args: str, timeout_s: float = 110) -> subprocess.CompletedProcess[str]:
@@ -86,6 +88,8 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         points = findings["ring"]["points"]
         assert [p["nodes"] for p in points] == [3, 4]
         assert all(p["moved_to_others_on_add"] == 0 for p in points)
+    if name == "client" and shutil.which("wrk"):
+        assert findings["wrk"]["throughput_rps"] > 0
     if name == "compare":
         assert runs[0]["label"] == "ringserve"
         assert {r["label"] for r in runs[1:]} | set(findings["skipped"]) == {"naive"}
