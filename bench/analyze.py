@@ -53,9 +53,12 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         by_label = {str(r.get("label")): latencies(r) for r in runs}
         written.append(plots.latency_distribution(by_label, sub, out / "latency_distribution.png"))
         written.append(plots.node_distribution(runs, sub, out / "node_distribution.png"))
-    if runs or references:
-        ref_sub = sub if runs else f"{doc.get('config', {}).get('description', '')}\n{report.machine_line(machine)}"
-        written.append(plots.performance_comparison(runs, references, ref_sub, out / "performance_comparison.png"))
+    comparison = out / "performance_comparison.png"
+    if runs:
+        written.append(plots.performance_comparison(runs, references, sub, comparison))
+    elif "ceiling" in findings:
+        ceiling_sub = f"{doc.get('config', {}).get('description', '')}\n{report.machine_line(machine)}"
+        written.append(plots.ceiling(findings["ceiling"]["points"], ceiling_sub, comparison))
     if "batching" in findings:
         on = next(r for r in runs if r.get("label") == findings["batching"]["labels"]["on"])
         hist = on.get("server", {}).get("stats", {}).get("batch_size_histogram", {})

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 DPI = 110
+LOG_SCALE_SPREAD = 30  # bars further apart than this share a log axis, so that the small ones stay visible
 NINES = (0, 1, 2, 3)  # x positions 0..3 on the percentile plot: 0%, 90%, 99%, 99.9%
 
 
@@ -27,6 +28,7 @@ def _figure(title: str, subtitle: str, panels: int, width_per_panel: float = 6.0
 
 
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 20 rather than 2×10^0 on log axes
+THOUSANDS = FuncFormatter(lambda value, _: f"{value:,.0f}")  # 3,500,000 rather than 3.5 and "1e6" above
 
 
 def _plain_log(axis: Any) -> None:
@@ -104,7 +106,8 @@ def node_distribution(runs: Sequence[dict[str, Any]], subtitle: str, path: Path)
     ax.set_xticks(np.arange(len(nodes)) + width * (len(with_nodes) - 1) / 2, nodes)
     ax.set(xlabel="worker", ylabel="successful requests", title="dashed: the mean")
     if with_nodes:
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=1.35 * max(max(r["summary"]["nodes"].values()) for r in with_nodes))  # room for the legend
+        ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
@@ -132,6 +135,12 @@ def performance_comparison(
                 fontsize=8,
             )
     _bar_values(tput, bars)
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) / min(positive) > LOG_SCALE_SPREAD:
+        tput.set_yscale("log")
+        _plain_log(tput.yaxis)
+    else:
+        tput.yaxis.set_major_formatter(THOUSANDS)
     tput.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     tput.set(
         ylabel="requests/s (ceiling: rows/s)"
@@ -147,6 +156,19 @@ def performance_comparison(
     lat.set_xticks(x, _labels(runs), rotation=20, ha="right", fontsize=8)
     lat.set(ylabel="latency (ms)", title="Latency p50 and p99", xlim=(-0.7, max(len(runs), 2) - 0.3))
     lat.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def ceiling(points: Sequence[dict[str, Any]], subtitle: str, path: Path) -> Path:
+    """In-process rows/s of each model: one panel per model, a bar per (batch size, processes)."""
+    models = list(dict.fromkeys(p["model"] for p in points))
+    fig, axes = _figure("In-process ceiling: the forward pass alone (no HTTP, no queue)", subtitle, len(models), 5.5)
+    for ax, model in zip(axes, models, strict=True):
+        mine = [p for p in points if p["model"] == model]
+        labels = [f"batch {p['batch']}\n{p['processes']} process{'es' if p['processes'] > 1 else ''}" for p in mine]
+        _bar_values(ax, ax.bar(labels, [p["rows_per_s"] for p in mine], 0.6, color="tab:gray", hatch="//"))
+        ax.yaxis.set_major_formatter(THOUSANDS)
+        ax.set(ylabel="rows/s", title=model)
     return _save(fig, path)
 
 

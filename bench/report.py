@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+DISTURBED_SHARE = 0.1  # CPU of processes outside the measurement, above which a run is flagged
+
 
 def _n(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -22,10 +24,20 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 
 def load_line(config: dict[str, Any]) -> str:
-    """The load of a run in one line: model, size, concurrency, API, keys, system."""
-    size = f"{config['requests']:,} req" if config.get("requests") else f"{config.get('duration_s')} s"
-    parts = [str(config.get("model")), size, f"{config.get('concurrent')} concurrent", f"{config.get('api')} API"]
-    parts.append(str(config.get("keys")))
+    """The load of a run in one line: model, size, concurrency, API, keys, system (what ``config`` has of them)."""
+    parts = []
+    if config.get("model"):
+        parts.append(str(config["model"]))
+    if config.get("requests"):
+        parts.append(f"{config['requests']:,} req")
+    elif config.get("duration_s"):
+        parts.append(f"{config['duration_s']:g} s")
+    if config.get("concurrent"):
+        parts.append(f"{config['concurrent']} concurrent")
+    if config.get("api"):
+        parts.append(f"{config['api']} API")
+    if config.get("keys"):
+        parts.append(str(config["keys"]))
     if config.get("workers") is not None:
         parts.append(f"{config['workers']} workers")
     if config.get("settings"):
@@ -34,9 +46,10 @@ def load_line(config: dict[str, Any]) -> str:
 
 
 def subtitle(runs: Sequence[dict[str, Any]], machine: dict[str, Any]) -> str:
-    """What the plots of these runs have in common (the first run's load) and the machine."""
-    first = load_line(runs[0]["config"]) if runs else ""
-    return f"{first}\n{machine_line(machine)}" if first else machine_line(machine)
+    """What the runs' configurations have in common (what differs is in their labels) and the machine."""
+    common = {k: v for k, v in runs[0]["config"].items() if all(r["config"].get(k) == v for r in runs)} if runs else {}
+    line = load_line(common)
+    return f"{line}\n{machine_line(machine)}" if line else machine_line(machine)
 
 
 def run_section(run: dict[str, Any]) -> list[str]:
@@ -65,7 +78,14 @@ def run_section(run: dict[str, Any]) -> list[str]:
         lines.append(
             "   CPU ms/req:  " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
         )
-        lines.append(f"   machine busy {cpu['machine_busy_s']:.1f} CPU s during the run")
+        busy = cpu["machine_busy_s"]
+        share = cpu["cpu_s"].get("other", 0.0) / busy if busy else 0.0
+        available = s["duration_s"] * (run.get("machine", {}).get("cores") or 1)
+        lines.append(
+            f"   machine busy {busy:.1f} of {available:.1f} CPU s ({100 * busy / max(available, 1e-9):.0f}%),"
+            f" {100 * share:.0f}% of that by other processes"
+            + ("  ** DISTURBED: a neighbour used the cores **" if share > DISTURBED_SHARE else "")
+        )
     return lines
 
 
