@@ -95,11 +95,15 @@ class CpuMeter:
             used[name] = sum(after.get(pid, before.get(pid, 0.0)) - before.get(pid, 0.0) for pid in {*before, *after})
         return used
 
-    def report(self, requests: int, client_cpu_s: float) -> dict[str, Any]:
-        """CPU seconds and CPU ms per request of each group, the client, and everything else."""
+    def report(self, requests: int, client_cpu_s: float, rest: str = "other") -> dict[str, Any]:
+        """CPU seconds and CPU ms per request of each group, the client, and everything else (``rest``).
+
+        With no groups (a peer whose processes we do not know), ``rest`` names the server plus
+        whatever else ran.
+        """
         used = self.seconds()
         used["client"] = client_cpu_s
         machine = self._machine[1] - self._machine[0]
-        used["other"] = max(machine - sum(used.values()), 0.0)
+        used[rest] = max(machine - sum(used.values()), 0.0)
         per_request = {k: 1000 * v / requests for k, v in used.items()} if requests else {}
         return {"machine_busy_s": machine, "cpu_s": used, "cpu_ms_per_request": per_request}

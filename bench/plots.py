@@ -27,13 +27,23 @@ def _figure(title: str, subtitle: str, panels: int, width_per_panel: float = 6.0
     return fig, list(axes)
 
 
-PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 20 rather than 2×10^0 on log axes
 THOUSANDS = FuncFormatter(lambda value, _: f"{value:,.0f}")  # 3,500,000 rather than 3.5 and "1e6" above
+MINOR_LABELS_SPREAD = 30  # a log axis spanning less than this also labels its minor ticks (2, 3, 5…)
+
+
+def _plain(value: float) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
 
 
 def _plain_log(axis: Any) -> None:
-    axis.set_major_formatter(PLAIN)
-    axis.set_minor_formatter(PLAIN)
+    """Plain numbers (20, 50, 1,000) on a log axis, rather than 2×10^1; minor ticks only on short spans."""
+
+    def minor(value: float, _: Any) -> str:
+        low, high = axis.get_view_interval()
+        return _plain(value) if high / max(low, 1e-12) < MINOR_LABELS_SPREAD else ""
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: _plain(value)))
+    axis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -199,11 +209,23 @@ def scaling(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
     points = finding["points"]
     workers = [p["workers"] for p in points]
     rps = [p["throughput_rps"] for p in points]
-    tput.plot(workers, rps, "o-", label="measured")
-    tput.plot(workers, [rps[0] * w / workers[0] for w in workers], "--", color="gray", label="linear from the first")
-    tput.axvline(finding["cores"], color="tab:red", linestyle=":", label=f"{finding['cores']} cores")
+    cores = finding["cores"]
+    tput.plot(workers, rps, "o-", label="measured (labels: mean rows per forward)")
+    for p in points:
+        if p.get("mean_batch_size"):
+            tput.annotate(
+                f"{p['mean_batch_size']:.1f}",
+                (p["workers"], p["throughput_rps"]),
+                xytext=(4, 6),
+                textcoords="offset points",
+                fontsize=8,
+            )
+    ideal = [rps[0] * min(w, cores) / min(workers[0], cores) for w in workers]
+    tput.plot(workers, ideal, "--", color="gray", label=f"linear from {workers[0]}, up to {cores} cores")
+    tput.axvline(cores, color="tab:red", linestyle=":", label=f"{cores} cores")
     tput.set(xlabel="workers", ylabel="requests/s", title="Throughput", xticks=workers)
-    tput.set_ylim(bottom=0)
+    tput.yaxis.set_major_formatter(THOUSANDS)
+    tput.set_ylim(bottom=0, top=1.15 * max(ideal + rps))
     tput.legend(fontsize=8)
     p99.plot(workers, [p["p99_ms"] for p in points], "o-", color="tab:orange")
     p99.set(xlabel="workers", ylabel="latency (ms)", title="p99 latency", xticks=workers)

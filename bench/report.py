@@ -108,7 +108,7 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
             )
     if "served_vs_ceiling" in findings:
         for label, ratio in findings["served_vs_ceiling"].items():
-            lines.append(f"   served/ceiling {label}: {_n(100 * ratio, 1)}% of the in-process rows/s")
+            lines.append(f"   served/ceiling {label}: {100 * ratio:.3g}% of the in-process rows/s")
     if "scaling" in findings:
         sc = findings["scaling"]
         lines.append(f"== scaling on {sc['cores']} cores (every process shares them)")

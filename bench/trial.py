@@ -98,4 +98,5 @@ def peer(
         raise PeerUnavailable(f"did not start: {exc}") from exc
     successful = sum(r.ok for r in result.records)
     config = {**load.config(), "system": name, "workers": workers, "warmup_requests": warmup}
-    return run_document(scenario, name, config, machine, result, {"cpu": meter.report(successful, result.cpu_s)})
+    cpu = meter.report(successful, result.cpu_s, rest=f"{name} and the rest")
+    return run_document(scenario, name, config, machine, result, {"cpu": cpu})

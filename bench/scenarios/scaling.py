@@ -29,6 +29,7 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "label": run["label"],
             "throughput_rps": run["summary"]["throughput_rps"],
             "p99_ms": run["summary"]["latency_ms"]["p99"],
+            "mean_batch_size": run["summary"]["mean_batch_size"],
         }
         for n, run in zip(args.worker_counts, runs, strict=True)
     ]
