@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import queue
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -159,7 +161,11 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
     gathered: dict[int, ClientShare] = {}
     bar: Progress | None = None
     try:
-        ready.wait(START_TIMEOUT_S)
+        try:
+            ready.wait(START_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            codes = {p.name: p.exitcode for p in procs}
+            raise RuntimeError(f"client processes did not start (exit codes {codes}); see their errors above") from None
         go.set()
         bar = Progress(label, load.requests) if progress else None
         if meter is not None:
@@ -186,7 +192,15 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
                 p.join()
     origin = min((r.start_s for s in gathered.values() for r in s.records), default=0.0)
     records = sorted((r.shifted(origin) for s in gathered.values() for r in s.records), key=lambda r: r.start_s)
-    return LoadResult(records, [gathered[i] for i in sorted(gathered)])
+    result = LoadResult(records, [gathered[i] for i in sorted(gathered)])
+    if result.saturated:
+        busy = ", ".join(f"{100 * s.cpu_fraction:.0f}%" for s in result.shares)
+        print(
+            f"WARNING {label}: a client process kept its core busy ({busy}): the client may have been the limit;"
+            " try --processes",
+            file=sys.stderr,
+        )
+    return result
 
 
 def _totals(counters: Any) -> tuple[int, int]:

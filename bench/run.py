@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     doc = run_document("run", args.label, config, machine.describe(), result, server)
     path = write(doc, args.out / RESULTS_FILE)
     print(analyze.summary_text(doc))
-    if result.saturated:
-        print("WARNING: a client process saturated its core; these figures may be the client's limit", file=sys.stderr)
     if args.analyze:
         analyze.write_all(doc, args.out)
     print(f"results: {path}", file=sys.stderr)
