@@ -52,6 +52,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self._pids: set[int] = set()
+        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-reaper", daemon=True)
         try:
@@ -60,24 +61,37 @@ class Reaper:
             self.enabled = False
 
     def adopt(self, pids: list[int]) -> None:
-        """Reap these pids from now on (call once the script that started them has exited)."""
-        if self.enabled and not self._thread.is_alive():
-            self._pids = set(pids)
+        """Reap these pids from now on (they are ours once the script that started them has exited)."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._pids.update(pids)
+        if not self._thread.is_alive() and not self._closed.is_set():
             self._thread.start()
 
     def close(self) -> None:
+        """Reap what is left and stop adopting: later orphans (of any code in this process) go to PID 1 again."""
         self._closed.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._reap()
+        if self.enabled:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
     def _run(self) -> None:
-        while self._pids and not self._closed.wait(REAP_INTERVAL_S):
-            for pid in list(self._pids):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:  # not (or no longer) our child
-                    done = pid
-                if done:
+        while not self._closed.wait(REAP_INTERVAL_S):
+            self._reap()
+
+    def _reap(self) -> None:
+        with self._lock:
+            pids = list(self._pids)
+        for pid in pids:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not (or no longer) our child
+                done = pid
+            if done:
+                with self._lock:
                     self._pids.discard(pid)
 
 
@@ -144,6 +158,7 @@ class RingServe:
 
     def stop(self) -> None:
         """Stop exactly what the script started (it keeps the pids); safe to call twice."""
+        self._reaper.adopt(list(self.pids().values()))  # also when `start` was interrupted before adopting
         try:
             stopped = self._script("stop", STOP_TIMEOUT_S)
         finally:

@@ -6,6 +6,7 @@ drawn from the same key space. Its own CPU time is read from the rusage of waite
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 import shutil
@@ -65,6 +66,7 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
     """Run wrk for ``load.duration_s`` with ``load.concurrent`` connections; its figures and its CPU use."""
     if load.duration_s is None:
         raise ValueError("wrk runs for a duration: give the load one")
+    seconds = max(1, math.ceil(load.duration_s))  # wrk takes whole seconds
     meta = load_repository(load.model_repository)[load.model]
     url = load.target(Bodies(meta, load.api))
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +78,7 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
                 "wrk",
                 f"-t{threads}",
                 f"-c{load.concurrent}",
-                f"-d{load.duration_s:g}s",
+                f"-d{seconds}s",
                 "--latency",
                 "-s",
                 str(script),
@@ -84,7 +86,7 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
             ],
             capture_output=True,
             text=True,
-            timeout=load.duration_s + 60,
+            timeout=seconds + 60,
             check=True,
         )
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -95,7 +97,7 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
             "threads": threads,
             "connections": load.concurrent,
             "cpu_s": cpu_s,
-            "cpu_percent": 100 * cpu_s / (result["duration_s"] or load.duration_s),
+            "cpu_percent": 100 * cpu_s / (result["duration_s"] or seconds),
             "cpu_us_per_request": 1e6 * cpu_s / max(result["requests"] or 1, 1),
         }
     )

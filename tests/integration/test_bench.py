@@ -130,7 +130,8 @@ def test_run_script_bench_subcommand(tmp_path: Path) -> None:
     assert "keys moved" in done.stdout.lower() or "moved on add" in done.stdout
 
 
-def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delay_s", [0.0, 1.0], ids=["while-starting", "while-loading"])
+def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path, delay_s: float) -> None:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -154,7 +155,7 @@ def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path) -> None:
         pid_dir = tmp_path / "run" / "light" / "pids"
         wait_until(lambda: (pid_dir / "gateway.pid").exists() and proc.poll() is None, 60, "the system to start")
         pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
-        time.sleep(1)  # into the load
+        time.sleep(delay_s)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
