@@ -29,6 +29,7 @@ def _figure(title: str, subtitle: str, panels: int, width_per_panel: float = 6.0
 
 THOUSANDS = FuncFormatter(lambda value, _: f"{value:,.0f}")  # 3,500,000 rather than 3.5 and "1e6" above
 MINOR_LABELS_SPREAD = 30  # a log axis spanning less than this also labels its minor ticks (2, 3, 5…)
+FEW_MINOR_LABELS_SPREAD = 1000  # …and one spanning less than this its 2s and 5s
 
 
 def _plain(value: float) -> str:
@@ -40,7 +41,11 @@ def _plain_log(axis: Any) -> None:
 
     def minor(value: float, _: Any) -> str:
         low, high = axis.get_view_interval()
-        return _plain(value) if high / max(low, 1e-12) < MINOR_LABELS_SPREAD else ""
+        spread = high / max(low, 1e-12)
+        leading = round(value / 10 ** math.floor(math.log10(value))) if value > 0 else 0
+        if spread < MINOR_LABELS_SPREAD or (spread < FEW_MINOR_LABELS_SPREAD and leading in (2, 5)):
+            return _plain(value)
+        return ""
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: _plain(value)))
     axis.set_minor_formatter(FuncFormatter(minor))
@@ -110,11 +115,20 @@ def node_distribution(runs: Sequence[dict[str, Any]], subtitle: str, path: Path)
         counts = [run["summary"]["nodes"].get(n, 0) for n in nodes]
         b = run["summary"]["balance"]
         label = f"{run.get('label')}: max/mean {b['max_over_mean']:.3f}, CV {b['cv']:.3f}"
-        bars = ax.bar(np.arange(len(nodes)) + i * width, counts, width, label=label)
+        x = np.arange(len(nodes)) + i * width
+        bars = ax.bar(x, counts, width, label=label)
         _bar_values(ax, bars)
-        ax.axhline(sum(counts) / len(nodes), color=bars[0].get_facecolor(), linestyle="--", linewidth=0.8)
+        own = [j for j, n in enumerate(nodes) if n in run["summary"]["nodes"]]  # the mean over this run's nodes
+        ax.hlines(
+            sum(counts) / len(own),
+            x[own[0]] - width / 2,
+            x[own[-1]] + width / 2,
+            color=bars[0].get_facecolor(),
+            linestyle="--",
+            linewidth=1,
+        )
     ax.set_xticks(np.arange(len(nodes)) + width * (len(with_nodes) - 1) / 2, nodes)
-    ax.set(xlabel="worker", ylabel="successful requests", title="dashed: the mean")
+    ax.set(xlabel="worker", ylabel="successful requests", title="dashed: each run's mean per worker")
     if with_nodes:
         ax.set_ylim(top=1.35 * max(max(r["summary"]["nodes"].values()) for r in with_nodes))  # room for the legend
         ax.legend(fontsize=8, loc="upper right")

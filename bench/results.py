@@ -37,9 +37,7 @@ def run_document(
     server: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything about one run; the summary is computed here, from every record."""
-    summary = summarize(result.records, client_cpu_percent=0.0)
-    if summary["duration_s"] > 0:
-        summary["client_cpu_percent"] = 100 * result.cpu_s / summary["duration_s"]
+    summary = summarize(result.records, result.cpu_s)
     doc: dict[str, Any] = {
         "scenario": scenario,
         "label": label,

@@ -101,12 +101,13 @@ def status_key(record: Record) -> str:
     return str(record.status)
 
 
-def summarize(records: Sequence[Record], client_cpu_percent: float) -> dict[str, Any]:
+def summarize(records: Sequence[Record], client_cpu_s: float) -> dict[str, Any]:
     """The summary of one run, with exactly :data:`SUMMARY_KEYS`.
 
     ``duration_s`` runs from the first request's start to the last one's end; throughput counts
-    successful requests only. ``client_cpu_percent`` is the load generator's CPU time over that
-    wall time, in percent of one core (above 100 with several client processes).
+    successful requests only. ``client_cpu_percent`` is the load generator's CPU time
+    (``client_cpu_s``) over that wall time, in percent of one core (above 100 with several
+    client processes).
     """
     ok = [r for r in records if r.ok]
     duration = (max(r.end_s for r in records) - min(r.start_s for r in records)) if records else 0.0
@@ -123,7 +124,7 @@ def summarize(records: Sequence[Record], client_cpu_percent: float) -> dict[str,
         "nodes": dict(sorted(nodes.items())),
         "balance": balance(nodes),
         "mean_batch_size": mean_batch_size(r.batch_size for r in ok if r.batch_size is not None),
-        "client_cpu_percent": client_cpu_percent,
+        "client_cpu_percent": 100 * client_cpu_s / duration if duration > 0 else 0.0,
     }
 
 

@@ -83,7 +83,7 @@ def test_summary_has_exactly_the_specified_keys() -> None:
         Record(0.7, 1.000, NO_RESPONSE, error="TimeoutError"),
         Record(0.8, 0.900, 200, error="no output"),
     ]
-    summary = summarize(records, client_cpu_percent=12.5)
+    summary = summarize(records, client_cpu_s=0.125)
     assert tuple(summary) == SUMMARY_KEYS
     assert tuple(summary["latency_ms"]) == LATENCY_KEYS
     assert tuple(summary["balance"]) == BALANCE_KEYS
@@ -97,11 +97,11 @@ def test_summary_has_exactly_the_specified_keys() -> None:
     assert summary["nodes"] == {"worker_1": 2, "worker_2": 1}
     assert summary["balance"]["max_over_mean"] == pytest.approx(2 / 1.5)
     assert summary["mean_batch_size"] == pytest.approx(1.5)  # 2 forwards (2 rows, 1 row) over 3 requests
-    assert summary["client_cpu_percent"] == 12.5
+    assert summary["client_cpu_percent"] == pytest.approx(12.5)  # 0.125 CPU s over 1 s
 
 
 def test_summary_of_nothing() -> None:
-    summary = summarize([], client_cpu_percent=0.0)
+    summary = summarize([], client_cpu_s=0.0)
     assert tuple(summary) == SUMMARY_KEYS
     assert summary["requests"] == 0 and summary["throughput_rps"] == 0.0
 
