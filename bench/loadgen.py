@@ -9,10 +9,10 @@ knows whether the client, rather than the system, was the limit.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import queue
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ from bench.keys import KeySpace
 from bench.payload import Bodies
 from bench.progress import Progress
 from bench.record import NO_RESPONSE, Record
-from bench.transport import HttpError, connection
+from bench.transport import Connection, HttpError, connection
 from tasks.metadata import load_repository
 from tasks.settings import MODEL_REPOSITORY
 
@@ -144,7 +144,7 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
     ctx = multiprocessing.get_context("spawn")
     shares = load.shares()
     counters: SynchronizedArray[Any] = ctx.Array("q", 2 * len(shares), lock=False)  # type: ignore[assignment]
-    ready = ctx.Barrier(len(shares) + 1)
+    ready = ctx.Semaphore(0)  # released once by each client process when it has connected
     go = ctx.Event()
     results: multiprocessing.Queue[tuple[int, list[tuple[Any, ...]], float, float]] = ctx.Queue()
     procs = [
@@ -161,11 +161,7 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
     gathered: dict[int, ClientShare] = {}
     bar: Progress | None = None
     try:
-        try:
-            ready.wait(START_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            codes = {p.name: p.exitcode for p in procs}
-            raise RuntimeError(f"client processes did not start (exit codes {codes}); see their errors above") from None
+        _await_ready(ready, procs)
         go.set()
         bar = Progress(label, load.requests) if progress else None
         if meter is not None:
@@ -201,6 +197,18 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
             file=sys.stderr,
         )
     return result
+
+
+def _await_ready(ready: Any, procs: list[Any]) -> None:
+    """Wait until every client process has connected; fail at once if one dies (e.g. no server)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for _ in procs:
+        while not ready.acquire(timeout=0.1):
+            failed = {p.name: p.exitcode for p in procs if p.exitcode not in (None, 0)}
+            if failed:
+                raise RuntimeError(f"client processes failed to start (exit codes {failed}); see their errors above")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"client processes did not connect within {START_TIMEOUT_S:g} s")
 
 
 def _totals(counters: Any) -> tuple[int, int]:
@@ -239,16 +247,15 @@ async def _drive(
     url = load.target(bodies)
     conns = [connection(load.transport, url) for _ in range(users)]
     await asyncio.gather(*(c.open() for c in conns))
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, ready.wait, START_TIMEOUT_S)
-    await loop.run_in_executor(None, go.wait)
+    ready.release()
+    await asyncio.get_running_loop().run_in_executor(None, go.wait)
     cpu0, wall0 = time.process_time(), time.monotonic()
     deadline = wall0 + min(load.duration_s or MAX_RUN_S, MAX_RUN_S)
-    numbers: Iterator[int] = iter(range(requests)) if requests is not None else _forever()
+    numbers: Iterator[int] = iter(range(requests)) if requests is not None else itertools.count()
     rows: list[tuple[Any, ...]] = []
     ok_slot, err_slot = 2 * index, 2 * index + 1
 
-    async def user(conn: Any) -> None:
+    async def user(conn: Connection) -> None:
         for n in numbers:
             if time.monotonic() >= deadline:
                 return
@@ -279,10 +286,3 @@ async def _drive(
         for c in conns:
             await c.close()
     return rows, cpu_s, wall_s
-
-
-def _forever() -> Iterator[int]:
-    n = 0
-    while True:
-        yield n
-        n += 1
