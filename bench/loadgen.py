@@ -160,6 +160,7 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
         p.start()
     gathered: dict[int, ClientShare] = {}
     bar: Progress | None = None
+    finished = False
     try:
         _await_ready(ready, procs)
         go.set()
@@ -180,9 +181,10 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
             meter.stop()
         if bar is not None:
             bar.close(*_totals(counters))
+        finished = True
     finally:
-        for p in procs:
-            p.join(5)
+        for p in procs:  # after an error or Ctrl-C, stop the clients at once
+            p.join(5 if finished else 0)
             if p.is_alive():
                 p.terminate()
                 p.join()

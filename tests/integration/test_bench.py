@@ -132,6 +132,8 @@ def test_run_script_bench_subcommand(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("delay_s", [0.0, 1.0], ids=["while-starting", "while-loading"])
 def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path, delay_s: float) -> None:
+    """Interrupted while the run script still starts the system (the worker is up, the gateway not yet
+    answering: a worker stopped while it boots takes 20 s), or while the load runs."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -153,7 +155,13 @@ def test_sigterm_stops_everything_the_scenario_started(tmp_path: Path, delay_s: 
     )
     try:
         pid_dir = tmp_path / "run" / "light" / "pids"
-        wait_until(lambda: (pid_dir / "gateway.pid").exists() and proc.poll() is None, 60, "the system to start")
+        worker_log = tmp_path / "run" / "light" / "logs" / "worker_1.log"
+
+        def worker_ready() -> bool:
+            return (pid_dir / "gateway.pid").exists() and worker_log.exists() and "ready." in worker_log.read_text()
+
+        wait_until(worker_ready, 60, "the worker to be ready")
+        assert proc.poll() is None
         pids = [int(p.read_text()) for p in pid_dir.glob("*.pid")]
         time.sleep(delay_s)
         proc.send_signal(signal.SIGTERM)
