@@ -27,6 +27,9 @@ STOP_TIMEOUT_S = 120
 LOG_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 REAP_INTERVAL_S = 0.05
+PREFIX = "RINGSERVE_"
+# Set by the harness for every system it starts; the caller's other RINGSERVE_* settings pass through.
+HARNESS_OWNED = frozenset({"REDIS_URL", "RUN_DIR", "PORT", "FLOWER_PORT", "REDIS_PORT", "WORKERS"})
 
 
 def free_port() -> int:
@@ -98,17 +101,19 @@ class Reaper:
 class RingServe:
     """``with RingServe(run_dir, workers=3, settings={"MAX_BATCH_SIZE": "1"}) as system: system.url``.
 
-    ``settings`` are ``RINGSERVE_*`` variables without the prefix, handed to every process.
+    ``settings`` are ``RINGSERVE_*`` variables without the prefix, handed to every process, on top
+    of those in this process's environment (except the ones the harness sets: ports, run dir, Redis).
     """
 
     def __init__(self, run_dir: Path, workers: int = 3, settings: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.workers = workers
-        self.settings = dict(settings or {})
+        inherited = {k.removeprefix(PREFIX): v for k, v in os.environ.items() if k.startswith(PREFIX)}
+        self.settings = {k: v for k, v in inherited.items() if k not in HARNESS_OWNED} | dict(settings or {})
         self.port = free_port()
-        self._reaper = Reaper()  # before the script runs, so that what it starts is re-parented to us
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
-        self.env.update({f"RINGSERVE_{k}": str(v) for k, v in self.settings.items()})
+        self._reaper: Reaper | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+        self.env.update({PREFIX + k: str(v) for k, v in self.settings.items()})
         self.env.update(
             {
                 "RINGSERVE_RUN_DIR": str(run_dir),
@@ -138,6 +143,7 @@ class RingServe:
 
     def __enter__(self) -> RingServe:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._reaper = Reaper()  # before the script runs, so that what it starts is re-parented to us
         print(
             f"starting ringserve ({self.workers} workers, {self.settings or 'default settings'}) in {self.run_dir}",
             file=sys.stderr,
@@ -158,11 +164,14 @@ class RingServe:
 
     def stop(self) -> None:
         """Stop exactly what the script started (it keeps the pids); safe to call twice."""
-        self._reaper.adopt(list(self.pids().values()))  # also when `start` was interrupted before adopting
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.adopt(list(self.pids().values()))  # also when `start` was interrupted before adopting
         try:
             stopped = self._script("stop", STOP_TIMEOUT_S)
         finally:
-            self._reaper.close()
+            if reaper is not None:
+                reaper.close()
         if stopped.returncode != 0:
             print(f"stopping ringserve failed: {stopped.stderr}", file=sys.stderr)
 
