@@ -28,7 +28,9 @@ def load_line(config: dict[str, Any]) -> str:
     parts = []
     if config.get("model"):
         parts.append(str(config["model"]))
-    if config.get("requests"):
+    if config.get("requests") and config.get("duration_s"):
+        parts.append(f"{config['duration_s']:g} s or {config['requests']:,} req, whichever first")
+    elif config.get("requests"):
         parts.append(f"{config['requests']:,} req")
     elif config.get("duration_s"):
         parts.append(f"{config['duration_s']:g} s")
