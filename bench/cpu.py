@@ -7,48 +7,16 @@ can name is "other": on a shared machine, a large "other" marks a run disturbed 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-PROC = Path("/proc")
+from bench.procs import CLOCK_TICKS_PER_S, PROC, children_map, descendants, stat
 
 
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of one live process (None once it is gone)."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3 of stat(5)
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S  # utime, stime: fields 14 and 15
-
-
-def children_map() -> dict[int, list[int]]:
-    """Parent pid -> child pids, for every process now alive."""
-    tree: dict[int, list[int]] = {}
-    for entry in PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def descendants(root: int, tree: Mapping[int, list[int]]) -> list[int]:
-    """``root`` and every process below it."""
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(tree.get(pid, ()))
-    return found
+    s = stat(pid)
+    return None if s is None else s.cpu_s
 
 
 def machine_busy_s() -> float:

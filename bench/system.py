@@ -7,17 +7,22 @@ and leaves its logs there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from bench import procs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "docker-free-run.sh"
@@ -27,6 +32,7 @@ STOP_TIMEOUT_S = 120
 LOG_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 REAP_INTERVAL_S = 0.05
+LEFTOVER_TIMEOUT_S = 5.0
 PREFIX = "RINGSERVE_"
 # Set by the harness for every system it starts; the caller's other RINGSERVE_* settings pass through.
 HARNESS_OWNED = frozenset({"REDIS_URL", "RUN_DIR", "PORT", "FLOWER_PORT", "REDIS_PORT", "WORKERS"})
@@ -163,17 +169,26 @@ class RingServe:
         self.stop()
 
     def stop(self) -> None:
-        """Stop exactly what the script started (it keeps the pids); safe to call twice."""
+        """Stop exactly what the script started (it keeps the pids), and what those started; safe to call twice."""
         reaper, self._reaper = self._reaper, None
         if reaper is not None:
-            reaper.adopt(list(self.pids().values()))  # also when `start` was interrupted before adopting
+            # also when `start` was interrupted before adopting; recorded pids may have exited already
+            reaper.adopt([*self.pids().values(), *self.processes()])
         try:
             stopped = self._script("stop", STOP_TIMEOUT_S)
+            leftovers = self.processes()
+            if reaper is not None:
+                reaper.adopt(list(leftovers))
+            stop_leftovers(leftovers)
         finally:
             if reaper is not None:
                 reaper.close()
         if stopped.returncode != 0:
             print(f"stopping ringserve failed: {stopped.stderr}", file=sys.stderr)
+
+    def processes(self) -> dict[int, int]:
+        """pid -> start time of every live process started for this system: they all carry its run directory."""
+        return procs.with_environment("RINGSERVE_RUN_DIR", str(self.run_dir))
 
     def pids(self) -> dict[str, int]:
         """Process name (gateway, worker_1, redis, flower…) -> pid, as the run script recorded them."""
@@ -189,6 +204,26 @@ class RingServe:
             lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
             tails.append(f"--- {log.name}\n" + "\n".join(lines))
         return "\n".join(tails)
+
+
+def stop_leftovers(tree: dict[int, int], timeout_s: float = LEFTOVER_TIMEOUT_S) -> None:
+    """TERM, then KILL, the processes of ``tree`` (pid -> start time) that still run after the script's stop.
+
+    The script stops the processes it recorded; their children normally go with them, but a
+    gateway stopped while it is still forking its workers leaves those workers behind.
+    """
+    alive = [pid for pid, start in tree.items() if procs.running(pid, start)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in alive:
+            print(f"stopping leftover process {pid} with {sig.name}", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout_s
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [pid for pid in alive if procs.running(pid, tree[pid])]
+        if not alive:
+            return
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from bench import procs
 from bench.results import RESULTS_FILE, runs_of
 from bench.stats import BALANCE_KEYS, LATENCY_KEYS, SUMMARY_KEYS
 from bench.system import RingServe
@@ -62,8 +63,13 @@ def check_run(run: dict[str, Any]) -> None:
 
 
 def no_process_left(out: Path) -> bool:
-    """Every system a scenario started recorded its pids under out/run/<label>/pids; stop removes them."""
-    return not list(out.glob("run/*/pids/*.pid"))
+    """No pid file is left (stop removes them) and no process carries one of the run directories
+    (every process started for a system inherits its RINGSERVE_RUN_DIR, also the gateway's forks)."""
+    run_dirs = list(out.glob("run/*"))
+    assert run_dirs or not (out / "run").exists()
+    return not list(out.glob("run/*/pids/*.pid")) and not any(
+        procs.with_environment("RINGSERVE_RUN_DIR", str(run_dir)) for run_dir in run_dirs
+    )
 
 
 @pytest.mark.parametrize("name", list(ARTIFACTS))
