@@ -17,6 +17,15 @@ def get(url: str, body: dict | None = None) -> dict:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
+def alive(pid: int) -> bool:
+    """Running: a zombie (exited, its exit status not yet collected by its parent) is not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_start_serve_stop(tmp_path: Path) -> None:
     port, flower_port = free_port(), free_port()
     env = {
@@ -47,5 +56,5 @@ def test_start_serve_stop(tmp_path: Path) -> None:
     finally:
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not any(alive(pid) for pid in pids)
     assert not list((tmp_path / "run" / "pids").glob("*.pid"))

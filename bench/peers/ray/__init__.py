@@ -25,7 +25,8 @@ RAY_ENV = {
 
 
 def unavailable() -> str | None:
-    missing = [m for m in ("ray", "ray.serve", "starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    # find_spec("ray.serve") imports "ray" and raises when it is absent: look at top-level names only.
+    missing = [m for m in ("ray", "starlette", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         return f"ray[serve] is not installed (no {missing[0]}): pip install -r bench/requirements-peers.txt"
     return None
