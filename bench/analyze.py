@@ -3,7 +3,7 @@
 Writes latency_distribution.png, node_distribution.png, performance_comparison.png,
 performance_report.txt and benchmark_results.json (several inputs are merged into one document),
 plus the plots of the scenarios whose findings are present: batching_gain.png, scaling.png,
-ring_balance.png.
+ring_balance.png, failover_timeline.png, hotkey_balance.png, join_timeline.png.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         written.append(plots.batching_gain(findings["batching"], hist, sub, out / "batching_gain.png"))
     if "scaling" in findings:
         written.append(plots.scaling(findings["scaling"], sub, out / "scaling.png"))
+    if "failover" in findings:
+        written.append(plots.failover_timeline(findings["failover"], sub, out / "failover_timeline.png"))
+    if "hotkey" in findings:
+        written.append(plots.hotkey_balance(findings["hotkey"], sub, out / "hotkey_balance.png"))
+    if "join" in findings:
+        written.append(plots.join_timeline(findings["join"], sub, out / "join_timeline.png"))
     if "ring" in findings:
         ring = findings["ring"]
         ring_sub = f"{ring['keys']:,} keys · {ring['vnodes']} vnodes per node · {ring['hash']}\n" + report.machine_line(

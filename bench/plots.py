@@ -266,3 +266,116 @@ def ring_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
     moved.set(xlabel="nodes before the change (N)", ylabel="keys moved (%)", title="Keys moved", xticks=n)
     moved.legend(fontsize=8)
     return _save(fig, path)
+
+
+EVENT_STYLES = {
+    "kill": ("tab:red", "-"),
+    "healed": ("tab:green", "--"),
+    "restart": ("tab:purple", "-"),
+    "rejoined": ("tab:blue", "--"),
+    "add_worker": ("tab:purple", "-"),
+    "announced": ("tab:orange", ":"),
+    "shown": ("tab:green", "--"),
+}
+
+
+def _events(ax: Axes, events: dict[str, float | None], label: bool) -> None:
+    for name, t in events.items():
+        if t is None or name not in EVENT_STYLES:
+            continue
+        color, style = EVENT_STYLES[name]
+        ax.axvline(t, color=color, linestyle=style, linewidth=1.2, label=f"{name} ({t:.1f} s)" if label else None)
+
+
+def failover_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Requests/s, p99 and errors per second over the run, with the kill, heal, restart and rejoin marked."""
+    heal = finding["heal_after_kill_s"]
+    title = f"Failover: SIGKILL {finding['victim']}, {finding['failed']:,} failed requests" + (
+        f", ring healed {heal:.1f} s after the kill" if heal is not None else ", ring never healed"
+    )
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    tput, p99, errors = fig.subplots(3, 1, sharex=True)
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    series = finding["series"]
+    t = series["t"]
+    tput.plot(t, series["throughput_rps"], "o-", markersize=3)
+    tput.set(ylabel="successful requests/s", title="Throughput per second (by end time)")
+    tput.yaxis.set_major_formatter(THOUSANDS)
+    tput.set_ylim(bottom=0)
+    p99.plot(t, [v if v is not None else math.nan for v in series["p99_ms"]], "o-", markersize=3, color="tab:orange")
+    if "max_ms" in series:
+        p99.plot(t, [v if v is not None else math.nan for v in series["max_ms"]], ".", color="tab:gray", label="max")
+    p99.axhline(finding["targets"]["outage_p99_ms"], color="gray", linestyle=":", label="target 1 s (outage p99)")
+    p99.set_yscale("log")
+    _plain_log(p99.yaxis)
+    p99.set(
+        ylabel="latency (ms, log scale)", title="p99 (line) and max (dots) latency per second (successful, by end time)"
+    )
+    errors.bar(t, series["errors_per_s"], width=0.8, color="tab:red")
+    errors.set(xlabel="time since the load started (s)", ylabel="failed requests/s", title="Errors per second")
+    for ax in (tput, p99, errors):
+        _events(ax, finding["events_s"], ax is tput)
+        ax.grid(True, alpha=0.3)
+    tput.legend(fontsize=8, loc="lower left")
+    p99.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def hotkey_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Share of requests per worker with and without bounded loads, and the in-flight max/mean."""
+    fig, (share, inflight) = _figure(f"Hot keys (Zipf s={finding['zipf']:g}): bounded loads on and off", subtitle, 2)
+    modes = finding["modes"]
+    nodes = sorted({n for m in modes.values() for n in m["nodes"]})
+    width = 0.8 / max(len(modes), 1)
+    for i, (mode, m) in enumerate(modes.items()):
+        x = np.arange(len(nodes)) + i * width
+        values = [100 * m["share_per_node"].get(n, 0.0) for n in nodes]
+        label = f"{mode} (load factor {m['load_factor']:g}): max/mean {m['requests_max_over_mean']:.2f}"
+        _bar_values(share, share.bar(x, values, width, label=label), "{:.1f}")
+    if nodes:
+        share.axhline(100 / len(nodes), color="gray", linestyle="--", linewidth=1, label="even share")
+    share.set_xticks(np.arange(len(nodes)) + width * (len(modes) - 1) / 2, nodes)
+    share.set(xlabel="worker", ylabel="share of successful requests (%)", title="Requests per worker")
+    share.set_ylim(top=1.3 * max([100 * v for m in modes.values() for v in m["share_per_node"].values()] + [1]))
+    share.legend(fontsize=8, loc="upper right")
+    names = list(modes)
+    medians = [modes[n]["in_flight"]["median_max_over_mean"] or 0.0 for n in names]
+    p90s = [modes[n]["in_flight"]["p90_max_over_mean"] or 0.0 for n in names]
+    pos = np.arange(len(names))
+    _bar_values(inflight, inflight.bar(pos - 0.2, medians, 0.4, label="median over samples"), "{:.2f}")
+    _bar_values(inflight, inflight.bar(pos + 0.2, p90s, 0.4, label="90th percentile", color="tab:gray"), "{:.2f}")
+    inflight.axhline(finding["target_in_flight_max_over_mean"], color="tab:red", linestyle=":", label="target 1.25")
+    inflight.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="perfect")
+    inflight.set_xticks(pos, [f"{n}\n({modes[n]['in_flight']['samples']} samples)" for n in names])
+    inflight.set(
+        ylabel="busiest worker's in-flight / mean",
+        title="In-flight balance (/stats every 100 ms, 1 gateway process each)",
+    )
+    inflight.set_ylim(0, 1.25 * max(p90s + medians + [1.5]))
+    inflight.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
+def join_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Requests per second per worker over the run, with the add-worker, announcement and ring update marked."""
+    fig, (ax,) = _figure(
+        f"Live join of {finding['added']}: {finding['failed']:,} failed requests, "
+        f"keys moved {100 * finding['keys_moved']:.1f}% (ideal {100 * finding['ideal_moved']:.1f}%)",
+        subtitle,
+        1,
+        11,
+    )
+    series = finding["series"]
+    for node, values in series["nodes"].items():
+        ax.plot(series["t"], values, "o-", markersize=3, label=node)
+    _events(ax, finding["events_s"], True)
+    ax.set(
+        xlabel="time since the load started (s)",
+        ylabel="successful requests/s",
+        title="Requests per second per worker (by end time)",
+    )
+    ax.yaxis.set_major_formatter(THOUSANDS)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)

@@ -134,6 +134,47 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
             f" non-2xx {w['non_2xx']}, socket errors {w['socket_errors']};"
             f" wrk used {_n(w['cpu_percent'])}% of a core, {_n(w['cpu_us_per_request'])} µs CPU/request",
         ]
+    if "failover" in findings:
+        f = findings["failover"]
+        ev, out = f["events_s"], f["outage"]
+        lines += [
+            f"== failover: SIGKILL {f['victim']} at {ev['kill']:.2f} s, restarted at {ev['restart']:.2f} s"
+            f" (member ttl {f['member_ttl_ms']} ms)",
+            f"   failed: {f['failed']:,} {f['failed_by_status'] or ''}  (target 0)",
+            f"   ring healed {_n(f['heal_after_kill_s'], 2)} s after the kill (target <= 5 s);"
+            f" rejoined {_n(f['rejoin_after_restart_s'], 2)} s after the restart",
+            f"   outage (kill -> healed): {out['requests']:,} requests in flight, {out['failed']} failed,"
+            f" p99 {_n(out['p99_ms'], 1)} ms (target <= 1000 ms);"
+            f" p99 before the kill {_n(f['p99_before_kill_ms'], 1)} ms",
+            f"   outage: slowest {_n(out.get('max_ms'), 1)} ms, {out.get('over_1s', '-')} requests over 1 s"
+            " (those the killed worker held wait for the heal)",
+            f"   throughput {_n(f['throughput_rps'])} req/s over the run",
+        ]
+    if "hotkey" in findings:
+        h = findings["hotkey"]
+        lines.append(f"== hotkey: Zipf s={h['zipf']:g}, bounded loads on and off")
+        for mode, m in h["modes"].items():
+            inf = m["in_flight"]
+            lines.append(
+                f"   {mode:<9} load factor {m['load_factor']:g}: requests per node {m['requests_per_node']}"
+                f" max/mean {_n(m['requests_max_over_mean'], 3)}; in-flight busiest/mean median"
+                f" {_n(inf['median_max_over_mean'], 2)} (p90 {_n(inf['p90_max_over_mean'], 2)},"
+                f" {inf['samples']} samples);"
+                f" {_n(m['throughput_rps'])} req/s, p99 {_n(m['p99_ms'], 1)} ms"
+            )
+        lines.append(f"   target: bounded in-flight busiest/mean <= {h['target_in_flight_max_over_mean']:g}")
+    if "join" in findings:
+        j = findings["join"]
+        ev = j["events_s"]
+        lines += [
+            f"== join: {j['added']} added to {j['initial_nodes']} at {ev['add_worker']:.2f} s",
+            f"   failed: {j['failed']:,} {j['failed_by_status'] or ''}  (target 0)",
+            f"   announced in Redis at {_n(ev['announced'], 2)} s; every /stats sample shows it from"
+            f" {_n(ev['shown'], 2)} s: {_n(j['shown_after_announced_s'], 2)} s after the announcement (target <= 2 s)",
+            f"   requests per node before {j['requests_per_node_before']}  after {j['requests_per_node_after']}",
+            f"   keys moved ({j['keys']:,} keys, {j['vnodes']} vnodes): {j['keys_moved']:.4f}"
+            f" (ideal {j['ideal_moved']:.4f}, {j['moved_over_ideal']:.3f}x; target <= 1.1x)",
+        ]
     if "skipped" in findings:
         for name, why in findings["skipped"].items():
             lines.append(f"== skipped {name}: {why}")

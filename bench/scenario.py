@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import analyze, machine
-from bench.scenarios import batching, ceiling, client, compare, load, ring, scaling
+from bench.scenarios import batching, ceiling, client, compare, failover, hotkey, join, load, ring, scaling
 from bench.scenarios.spec import Context, Scenario
 from bench.system import ROOT
 
@@ -29,6 +29,9 @@ SCENARIOS: dict[str, Scenario] = {
         ring.SCENARIO,
         compare.SCENARIO,
         client.SCENARIO,
+        failover.SCENARIO,
+        hotkey.SCENARIO,
+        join.SCENARIO,
     )
 }
 RESULTS_DIR = ROOT / "bench" / "results"

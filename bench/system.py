@@ -186,6 +186,60 @@ class RingServe:
         if stopped.returncode != 0:
             print(f"stopping ringserve failed: {stopped.stderr}", file=sys.stderr)
 
+    @property
+    def redis_url(self) -> str:
+        """The Redis the system uses (the run script picks it at start and records it in ``<run dir>/env``)."""
+        recorded = self.run_dir / "env"
+        if recorded.exists():
+            for line in recorded.read_text().splitlines():
+                if "RINGSERVE_REDIS_URL=" in line:
+                    return line.split("RINGSERVE_REDIS_URL=", 1)[1].strip()
+        return f"redis://{HOST}:{self.env['RINGSERVE_REDIS_PORT']}/0"
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+        """Send ``sig`` to a recorded process (e.g. SIGKILL to ``worker_2``: a crash); returns its pid."""
+        pid = self.pids()[name]
+        os.kill(pid, sig)
+        return pid
+
+    def start_worker(self, node_id: str) -> int:
+        """Start worker ``node_id`` as the run script does (same command, environment, log and pid file),
+        e.g. to restart a killed worker under its old id, which ``add-worker`` never reuses; ``stop`` stops it."""
+        log = (self.run_dir / "logs" / f"{node_id}.log").open("ab")
+        with log:
+            proc = subprocess.Popen(
+                [
+                    str(ROOT / ".venv" / "bin" / "python"),
+                    "-m",
+                    "tasks.worker",
+                    "--node-id",
+                    node_id,
+                    "--loglevel",
+                    "INFO",
+                ],
+                cwd=ROOT,
+                env={**self.env, "RINGSERVE_REDIS_URL": self.redis_url},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.run_dir / "pids" / f"{node_id}.pid").write_text(f"{proc.pid}\n")
+        if self._reaper is not None:
+            self._reaper.adopt([proc.pid])
+        return proc.pid
+
+    def add_worker(self) -> str:
+        """``./docker-free-run.sh add-worker``: one more worker, returned once it has joined the ring."""
+        before = set(self.pids())
+        done = self._script("add-worker", START_TIMEOUT_S)
+        if self._reaper is not None:
+            self._reaper.adopt(list(self.pids().values()))
+        if done.returncode != 0:
+            raise StartError(f"add-worker failed:\n{done.stdout}{done.stderr}\n{self.log_tails()}")
+        added = sorted(set(self.pids()) - before)
+        return added[0] if added else ""
+
     def processes(self) -> dict[int, int]:
         """pid -> start time of every live process started for this system: they all carry its run directory."""
         return procs.with_environment("RINGSERVE_RUN_DIR", str(self.run_dir))

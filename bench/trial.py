@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cpu import CpuMeter
-from bench.loadgen import Load, run_load
+from bench.loadgen import Load, Meter, run_load
 from bench.results import run_document
 from bench.system import RingServe, free_port, stats_delta
 
@@ -24,15 +24,59 @@ def warm_up(load: Load, requests: int) -> None:
         run_load(dataclasses.replace(load, requests=requests, duration_s=None), progress=False)
 
 
+class _Meters:
+    """Several meters started and stopped as one, in order (the load's start and end)."""
+
+    def __init__(self, *meters: Meter) -> None:
+        self.meters = meters
+
+    def start(self) -> None:
+        for m in self.meters:
+            m.start()
+
+    def stop(self) -> None:
+        for m in self.meters:
+            m.stop()
+
+
+class _Following:
+    """A CPU meter that, when it stops, also meters the processes started meanwhile (from 0): a worker
+    added or restarted during the load (a restarted one as ``<name>_restarted``)."""
+
+    def __init__(self, meter: CpuMeter, system: RingServe) -> None:
+        self.meter = meter
+        self.system = system
+
+    def start(self) -> None:
+        self.meter.start()
+
+    def stop(self) -> None:
+        known = set(self.meter.groups.values())
+        for name, pid in self.system.pids().items():
+            if pid not in known:
+                self.meter.groups[name if name not in self.meter.groups else f"{name}_restarted"] = pid
+        self.meter.stop()
+
+
 def measure(
-    system: RingServe, scenario: str, label: str, load: Load, machine: dict[str, Any], warmup: int = WARMUP_REQUESTS
+    system: RingServe,
+    scenario: str,
+    label: str,
+    load: Load,
+    machine: dict[str, Any],
+    warmup: int = WARMUP_REQUESTS,
+    during: Meter | None = None,
 ) -> dict[str, Any]:
-    """One run against a running ringserve, with the CPU each of its processes spent."""
+    """One run against a running ringserve, with the CPU each of its processes spent.
+
+    ``during`` is started when the load starts and stopped when it has ended (after the CPU meter):
+    what a scenario does to the system meanwhile (kill a worker, add one, sample /stats).
+    """
     load = dataclasses.replace(load, url=system.url)
     warm_up(load, warmup)
     meter = CpuMeter(system.pids())
     before = system.stats()
-    result = run_load(load, label, meter=meter)
+    result = run_load(load, label, meter=meter if during is None else _Meters(_Following(meter, system), during))
     after = system.stats()
     successful = sum(r.ok for r in result.records)
     server = {"cpu": meter.report(successful, result.cpu_s), "stats": stats_delta(before, after)}
