@@ -211,7 +211,7 @@ class Server:
         return BatchPolicy(
             max_batch_size=meta.max_batch_size or self.settings.max_batch_size,
             max_delay_ms=meta.max_delay_ms if meta.max_delay_ms is not None else self.settings.max_delay_ms,
-            idle_ms=self.settings.batch_idle_ms,
+            idle_ms=meta.batch_idle_ms if meta.batch_idle_ms is not None else self.settings.batch_idle_ms,
         )
 
     # -- timers --------------------------------------------------------------------------

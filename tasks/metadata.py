@@ -50,6 +50,7 @@ class ModelMetadata:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int | None  # None: the server-wide default
     max_delay_ms: int | None
+    batch_idle_ms: float | None
     config: dict[str, Any]  # the whole file, for the engine
     path: Path
 
@@ -96,6 +97,7 @@ def load_metadata(model_dir: Path) -> ModelMetadata:
         outputs=tuple(_tensor(t, f"{path} output") for t in config.get("outputs", [])),
         max_batch_size=batching.get("max_batch_size"),
         max_delay_ms=batching.get("max_delay_ms"),
+        batch_idle_ms=batching.get("idle_ms"),
         config=config,
         path=model_dir,
     )

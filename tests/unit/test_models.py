@@ -44,3 +44,18 @@ def test_heavy_forward_shape(repository: Repository) -> None:
     assert probabilities.shape == (2, 1000) and probabilities.dtype == np.float32
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
     assert "synthetic" in repository.metadata("heavy").config["description"]
+
+
+def test_batching_policy_comes_from_the_model_config(tmp_path: Path) -> None:
+    from tasks.metadata import load_metadata
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(
+        '{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],'
+        ' "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]}],'
+        ' "batching": {"max_batch_size": 8, "max_delay_ms": 5, "idle_ms": 1.5}}'
+    )
+    meta = load_metadata(model)
+    assert (meta.max_batch_size, meta.max_delay_ms, meta.batch_idle_ms) == (8, 5, 1.5)
+    assert load_metadata(MODELS / "heavy").batch_idle_ms == 10

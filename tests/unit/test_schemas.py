@@ -17,7 +17,7 @@ from tasks.metadata import ModelMetadata, TensorSpec
 
 def model(*inputs: TensorSpec) -> ModelMetadata:
     out = (TensorSpec("y", "FP32", (-1, 2)),)
-    return ModelMetadata("m", ("1",), "1", inputs, out, None, None, {}, None)  # type: ignore[arg-type]
+    return ModelMetadata("m", ("1",), "1", inputs, out, None, None, None, {}, None)  # type: ignore[arg-type]
 
 
 IMG = TensorSpec("img", "FP32", (-1, 2, 3))
