@@ -13,7 +13,7 @@ from tasks.settings import Settings
 from tests.conftest import Cluster, RedisServer, make_settings, wait_until
 
 ROW = [1.0] * 64
-OUTAGE_S = 3.0
+OUTAGE_S = 5.0  # as long as the issue asks for
 
 
 def test_redis_restart_under_load(tmp_path: Path, app_factory: Callable[[Settings], Flask]) -> None:
@@ -70,6 +70,11 @@ def test_redis_restart_under_load(tmp_path: Path, app_factory: Callable[[Setting
         assert max(took for _, took, _ in outcomes) < cluster.settings.request_timeout_ms / 1000 + 1
         assert any(s == 200 for sent, _, s in outcomes if sent > up_at)
         assert recovered_s < 5
+        slowest_ms = max(t for t, _ in during) * 1000
+        print(
+            f"outage {OUTAGE_S} s: {len(during)} requests answered 503 in at most {slowest_ms:.0f} ms;"
+            f" full service {recovered_s:.2f} s after Redis returned; {len(outcomes)} answers, none lost"
+        )
     finally:
         cluster.close()
         redis.stop()
