@@ -1,6 +1,6 @@
 """Fixtures with real parts: a redis-server on a free port and real Celery worker processes.
 
-Nothing here mocks Redis or Celery. The redis-server binary is ``$RINGSERVE_REDIS_SERVER``
+Real parts only: Redis and Celery are the real programs. The redis-server binary is ``$RINGSERVE_REDIS_SERVER``
 (set by ``./docker-free-run.sh test``) or the one on PATH.
 """
 
