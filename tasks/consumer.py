@@ -195,16 +195,6 @@ class Server:
             self._send_replies([(p, self._error(p, status, msg)) for p, status, msg in errors], batch_size=0)
         self._schedule()
 
-    def serve_now(self, envelope_body: dict[str, Any]) -> None:
-        """Serve one envelope at once, without the collector (``task.apply`` and eager mode)."""
-        envelope = Envelope(envelope_body["reply_to"], len(envelope_body["items"]), lambda: None)
-        groups: dict[Hashable, list[Pending]] = defaultdict(list)
-        for item in envelope_body["items"]:
-            groups[(item["model"], item["version"])].append(Pending(item, envelope))
-        for key, pendings in groups.items():
-            rows = sum(int(p.item["inputs"][0][2][0]) for p in pendings)
-            self._run(Batch(key, pendings, rows))
-
     def _policy(self, key: Hashable) -> BatchPolicy:
         name, version = cast(tuple[str, str], key)
         meta = self.repository.get(name, version).metadata
@@ -338,7 +328,7 @@ class InferTask(Task):  # type: ignore[misc]
         return self.server.start(consumer)
 
     def run(self, envelope: dict[str, Any]) -> None:
-        self.server.serve_now(envelope)
+        raise RuntimeError(f"{TASK_NAME} is served in batches by a ringserve worker, not called directly")
 
 
 def install_worker(app: Celery, settings: Settings) -> Server:
