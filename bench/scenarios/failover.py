@@ -14,7 +14,7 @@ from typing import Any
 
 from bench import trial
 from bench.cli import load_from_args
-from bench.results import records_of, scenario_document
+from bench.results import records_of
 from bench.scenarios import live
 from bench.scenarios.spec import Context, Scenario, add_served_arguments
 from bench.system import RingServe
@@ -83,9 +83,7 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         "samples": timeline.samples,
         "targets": TARGETS,
     }
-    config = {**doc["config"], "victim": victim, "command": ctx.command}
-    doc["config"]["command"] = ctx.command
-    return scenario_document(ctx.name, config, ctx.machine, [doc], {"failover": finding})
+    return live.one_run_document(ctx, doc, finding, victim=victim)
 
 
 SCENARIO = Scenario(

@@ -21,6 +21,8 @@ from typing import Any
 from redis import Redis
 
 from bench.record import Record
+from bench.results import scenario_document
+from bench.scenarios.spec import Context
 from bench.stats import percentile, status_key
 from hashing.membership import Membership
 
@@ -200,3 +202,9 @@ def in_flight_balance(samples: Sequence[dict[str, Any]], nodes: Sequence[str]) -
         "median_max_over_mean": statistics.median(ratios) if ratios else None,
         "p90_max_over_mean": percentile(sorted(ratios), 90) if ratios else None,
     }
+
+
+def one_run_document(ctx: Context, doc: dict[str, Any], finding: dict[str, Any], **config: Any) -> dict[str, Any]:
+    """The scenario document of a single live run: its command stamped on the run and on the whole."""
+    doc["config"]["command"] = ctx.command
+    return scenario_document(ctx.name, {**doc["config"], **config}, ctx.machine, [doc], {ctx.name: finding})
