@@ -92,8 +92,8 @@ start_worker() {  # $1: node id. The celery worker command, via tasks/worker.py.
 }
 
 members() {
-  "$PY" -c "from redis import Redis; from hashing.membership import Membership
-print(' '.join(sorted(Membership(Redis.from_url('$RINGSERVE_REDIS_URL'), 1).alive())))"
+  "$PY" -c "from redis import Redis; from hashing.membership import Membership; from tasks.contract import ANNOUNCEMENTS
+print(' '.join(sorted(Membership(Redis.from_url('$RINGSERVE_REDIS_URL'), 1, ANNOUNCEMENTS).alive())))"
 }
 
 has_member() { members | tr ' ' '\n' | grep -qx "$1"; }

@@ -12,8 +12,31 @@ from redis.exceptions import RedisError
 
 from app.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from app.gateway import Gateway
-from app.schemas import Tensor, nest, parse_simple, parse_v2_inputs, unpack
-from tasks.contract import STATS_BATCHES_KEY, STATS_ERRORS_KEY, STATS_EXPIRED_KEY, STATS_ROUTED_KEY, queue_name
+from app.openapi import document
+from app.schemas import (
+    NAME_MAX_CHARS,
+    Tensor,
+    name_field,
+    nest,
+    parse_simple,
+    parse_v2_inputs,
+    parse_v2_outputs,
+    scalar_map,
+    shown,
+    string_field,
+    unpack,
+)
+from app.submit import reported_rows
+from tasks.contract import (
+    STATS_BATCHES_KEY,
+    STATS_DROPPED_KEY,
+    STATS_ERRORS_KEY,
+    STATS_EXPIRED_KEY,
+    STATS_ROUTED_KEY,
+    STATS_SPILLED_KEY,
+    decode_counts,
+    queue_name,
+)
 from tasks.metadata import ModelMetadata
 
 SERVER_VERSION = "0.1.0"
@@ -40,22 +63,24 @@ def json_body() -> dict[str, Any]:
     return body
 
 
-def find_model(name: Any, version: Any = None) -> tuple[ModelMetadata, str]:
-    meta = gateway().models.get(name) if isinstance(name, str) else None
+def find_model(name: str, version: str | None = None) -> tuple[ModelMetadata, str]:
+    meta = gateway().models.get(name)
     if meta is None:
-        raise NotFound(f"unknown model {name!r}; served: {sorted(gateway().models)}")
-    resolved = meta.resolve_version(None if version is None else str(version))
+        raise NotFound(f"unknown model {shown(name)}; served: {sorted(gateway().models)}")
+    resolved = meta.resolve_version(version)
     if resolved is None:
-        raise NotFound(f"model {meta.name!r} has no version {version!r}; it has {list(meta.versions)}")
+        raise NotFound(f"model {meta.name!r} has no version {shown(version)}; it has {list(meta.versions)}")
     return meta, resolved
 
 
-def routing_key(explicit: Any, tensors: list[Tensor]) -> str:
-    """Parameter, else header, else a hash of the input bytes (equal inputs meet)."""
+def routing_key(explicit: str | None, tensors: list[Tensor]) -> str:
+    """Parameter (checked by ``name_field``), else header, else a hash of the input bytes (equal inputs meet)."""
     if explicit is not None:
-        return str(explicit)
+        return explicit
     header = request.headers.get("X-Routing-Key")
     if header:
+        if len(header) > NAME_MAX_CHARS:
+            raise BadRequest(f"'X-Routing-Key' is longer than {NAME_MAX_CHARS} characters")
         return header
     digest = hashlib.blake2b(digest_size=16)
     for t in tensors:
@@ -102,22 +127,26 @@ def simple_infer() -> Response:
     started = time.perf_counter()
     gw = gateway()
     body = json_body()
-    meta, version = find_model(body.get("model", gw.settings.default_model), body.get("version"))
+    model = name_field(body.get("model"), "model")
+    meta, version = find_model(
+        gw.settings.default_model if model is None else model, name_field(body.get("version"), "version")
+    )
+    key = name_field(body.get("key"), "key")
+    timeout_ms = client_timeout_ms(body.get("timeout_ms"), 1.0, "timeout_ms")
     if "input" not in body:
         raise BadRequest("missing 'input'")
     parsed = parse_simple(meta, body["input"], gw.max_rows(meta))
-    timeout_ms = client_timeout_ms(body.get("timeout_ms"), 1.0, "timeout_ms")
-    reply = gw.infer(routing_key(body.get("key"), parsed.tensors), meta, version, parsed.tensors, timeout_ms)
-    name, datatype, shape, data = reply["outputs"][0]
-    values = unpack(datatype, data)
-    output = values if parsed.single_row else nest(values, shape)
+    reply = gw.infer(routing_key(key, parsed.tensors), meta, version, parsed.tensors, timeout_ms)
+    first = reply.outputs[0]
+    values = unpack(first.datatype, first.data)
+    output = values if parsed.single_row else nest(values, list(first.shape))
     return json_response(
         {
             "output": output,
             "model": meta.name,
-            "version": reply["version"],
-            "node": reply["node"],
-            "batch_size": reply["batch_size"],
+            "version": reply.version,
+            "node": reply.node,
+            "batch_size": reply.batch_size,
             "cached": False,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
@@ -139,8 +168,11 @@ def live() -> Response:
 
 @api.get("/v2/health/ready")
 def ready() -> Response:
-    if not gateway().ready:
-        raise Unavailable("not ready: no worker is alive or Redis is unreachable")
+    gw = gateway()
+    if not gw.ready:
+        dead = sorted(name for name, alive in gw.threads().items() if not alive)
+        why = f"its {', '.join(dead)} thread died" if dead else "no worker is alive or Redis is unreachable"
+        raise Unavailable(f"not ready: {why}")
     return json_response({"ready": True})
 
 
@@ -175,39 +207,46 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     gw = gateway()
     meta, resolved = find_model(model, version)
     body = json_body()
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
-    tensors, _rows = parse_v2_inputs(meta, body.get("inputs"), gw.max_rows(meta))
-    wanted = body.get("outputs")
-    names = [str(o.get("name")) for o in wanted if isinstance(o, dict)] if isinstance(wanted, list) else None
-    declared = {o.name for o in meta.outputs}
-    if names is not None and not set(names) <= declared:
-        raise BadRequest(f"unknown outputs {sorted(set(names) - declared)}; model has {sorted(declared)}")
+    request_id = string_field(body.get("id"), "id")
+    params = scalar_map(body.get("parameters"), "parameters")
+    key = name_field(params.get("routing_key"), "parameters.routing_key")
     # Triton's convention: parameters.timeout is in microseconds.
     timeout_ms = client_timeout_ms(params.get("timeout"), 0.001, "parameters.timeout")
-    reply = gw.infer(routing_key(params.get("routing_key"), tensors), meta, resolved, tensors, timeout_ms)
+    tensors, _rows = parse_v2_inputs(meta, body.get("inputs"), gw.max_rows(meta))
+    names = parse_v2_outputs(meta, body.get("outputs"))
+    reply = gw.infer(routing_key(key, tensors), meta, resolved, tensors, timeout_ms)
     outputs = [
-        {"name": name, "datatype": datatype, "shape": shape, "data": unpack(datatype, data)}
-        for name, datatype, shape, data in reply["outputs"]
-        if names is None or name in names
+        {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": unpack(t.datatype, t.data)}
+        for t in reply.outputs
+        if names is None or t.name in names
     ]
     response: dict[str, Any] = {
         "model_name": meta.name,
-        "model_version": reply["version"],
+        "model_version": reply.version,
         "outputs": outputs,
         "parameters": {
-            "node": reply["node"],
-            "batch_size": reply["batch_size"],
+            "node": reply.node,
+            "batch_size": reply.batch_size,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         },
     }
-    if "id" in body:
-        response["id"] = body["id"]
+    if request_id is not None:
+        response["id"] = request_id
     return json_response(response)
 
 
+@api.get("/openapi.json")
+def openapi() -> Response:
+    return json_response(document(gateway().models, SERVER_VERSION))
+
+
 # -- operations -------------------------------------------------------------------------------
+
+
+def ints(h: dict[bytes, bytes]) -> dict[str, int]:
+    """A counter hash, sorted by number where its fields are numbers."""
+    counts = decode_counts(h)
+    return dict(sorted(counts.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0)))
 
 
 @api.get("/stats")
@@ -220,29 +259,37 @@ def stats() -> Response:
     pipe.hgetall(STATS_BATCHES_KEY)
     pipe.hgetall(STATS_ERRORS_KEY)
     pipe.hgetall(STATS_EXPIRED_KEY)
+    pipe.hgetall(STATS_DROPPED_KEY)
+    pipe.hgetall(STATS_SPILLED_KEY)
     for node in members:
         pipe.llen(queue_name(node))
     try:
-        routed, batches, errors, expired, *depths = pipe.execute()
+        routed, batches, errors, expired, dropped, spilled, *depths = pipe.execute()
+        all_rows = reported_rows(gw.redis)
     except RedisError as exc:
         raise Unavailable(f"statistics unavailable: {exc}") from None
-
-    def ints(h: dict[bytes, bytes]) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in sorted(h.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)}
 
     return json_response(
         {
             "members": {node: member.weight for node, member in members.items()},
+            "rows_in_flight_per_node": dict(sorted(all_rows.items())),
             "requests_per_node": ints(routed),
+            "spilled_per_node": ints(spilled),
             "queue_depths": dict(zip(members, depths, strict=True)),
             "batch_size_histogram": ints(batches),
             "errors_by_status": ints(errors),
             "expired_skipped_per_node": ints(expired),
+            "dropped_messages": ints(dropped),
+            "open_breakers_this_process": router.open_breakers(),
+            "threads_this_process": gw.threads(),
+            "gateway_id_this_process": gw.dispatcher.gateway_id,
             "in_flight_this_process": gw.dispatcher.in_flight(),
             "in_flight_per_node_this_process": router.in_flight(),
+            "rows_in_flight_per_node_this_process": router.rows_in_flight(),
         }
     )
 
 
 def register_routes(app: Flask) -> None:
+    app.url_map.merge_slashes = False  # "/v2/models//ready" is a JSON 404, not an HTML 308 redirect
     app.register_blueprint(api)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any
 
 from redis import Redis
 
@@ -22,6 +21,7 @@ from app.schemas import Tensor
 from app.submit import Call, Dispatcher
 from hashing.membership import Follower, Membership
 from tasks.celery_app import make_celery
+from tasks.contract import ANNOUNCEMENTS, Failure, Result
 from tasks.metadata import ModelMetadata, load_repository
 from tasks.settings import Settings
 
@@ -47,10 +47,11 @@ class Gateway:
             router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker)
             self.dispatcher = Dispatcher(make_celery(s), self.redis, router)
             self.follower = Follower(
-                Membership(self.redis, s.member_ttl_ms),
+                Membership(self.redis, s.member_ttl_ms, ANNOUNCEMENTS),
                 s.ring_refresh_ms,
                 self.dispatcher.set_members,
                 self.dispatcher.redis_lost,
+                self.dispatcher.redis_back,
             )
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
             self.follower.start()
@@ -67,17 +68,25 @@ class Gateway:
             self.redis.close()
             self._pid = None
 
+    def threads(self) -> dict[str, bool]:
+        """Whether each of this process's threads runs; one that died makes it unready."""
+        return {
+            "membership": self.follower.alive,
+            "replies": self.listener.alive,
+            "sender": self.dispatcher.alive,
+        }
+
     @property
     def ready(self) -> bool:
-        return self.follower.healthy and len(self.dispatcher.router) > 0
+        return self.follower.healthy and len(self.dispatcher.router) > 0 and all(self.threads().values())
 
     def max_rows(self, meta: ModelMetadata) -> int:
         return meta.max_batch_size or self.settings.max_batch_size
 
     def infer(
         self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], timeout_ms: float | None = None
-    ) -> dict[str, Any]:
-        """Send one request to its worker and wait for its reply (or raise the error it got).
+    ) -> Result:
+        """Send one request to its worker and wait for its result (or raise the error it got).
 
         ``timeout_ms`` (the client's) may only shorten the server's request timeout.
         """
@@ -89,15 +98,19 @@ class Gateway:
             else min(timeout_ms, self.settings.request_timeout_ms)
         )
         try:
-            call: Call = self.dispatcher.submit(key, meta.name, version, tensors, time.time() + limit_ms / 1000)
+            deadline = time.monotonic() + limit_ms / 1000
+            call: Call = self.dispatcher.submit(key, meta.name, version, tensors, deadline, self.max_rows(meta))
         except EmptyRingError:
             raise Unavailable("no worker is alive") from None
         except WorkerFull as exc:
             raise TooManyRequests(f"worker {exc.node} has too many requests in flight; retry shortly") from None
         if not call.done.wait(limit_ms / 1000):
-            self.dispatcher.forget(call)
+            # Only the server's own timeout blames the worker; a client's shorter one does not.
+            self.dispatcher.forget(call, worker_fault=limit_ms >= self.settings.request_timeout_ms)
             raise DeadlineExceeded(f"no result within {limit_ms:g} ms")
-        reply = call.reply or {}
-        if "error" in reply:
-            raise error_for_status(int(reply.get("status", 500)), str(reply["error"]))
-        return reply
+        if call.error is not None:
+            raise call.error
+        if isinstance(call.reply, Failure):
+            raise error_for_status(call.reply.kind.status, call.reply.message)
+        assert isinstance(call.reply, Result)  # done is set only with a reply or an error
+        return call.reply

@@ -3,6 +3,10 @@
 Workers push one msgpack blob per batch onto ``ringserve:reply:<gateway id>``; a blocking
 pop returns it and every request in it is resolved. One list per process means one Redis
 connection and no per-request subscription, however many requests are waiting.
+
+Anybody who can write to Redis can push onto that list: a blob or a reply that does not
+decode (:func:`tasks.contract.decode_replies`) is logged, counted and dropped, and the
+thread goes on. The valid replies of a blob are resolved even when others in it are not.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
-import msgpack
 from redis import Redis
 from redis.exceptions import RedisError
+
+from tasks.contract import STATS_DROPPED_KEY, ContractError, Drops, Reply, decode_replies, encode_replies
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +27,18 @@ RETRY_S = 0.2  # pause before trying again when Redis is unreachable
 
 
 class ReplyListener:
-    def __init__(self, redis: Redis, key: str, on_reply: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, redis: Redis, key: str, on_reply: Callable[[Reply], None]) -> None:
         self._redis = redis
         self._key = key
         self._on_reply = on_reply
+        self.drops = Drops("gateway replies")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ringserve-replies", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        """The thread runs (an unexpected error would have ended it)."""
+        return self._thread.is_alive()
 
     def start(self) -> None:
         self._thread.start()
@@ -36,7 +46,7 @@ class ReplyListener:
     def stop(self) -> None:
         self._stop.set()
         try:  # wake the blocking pop at once
-            self._redis.rpush(self._key, msgpack.packb([]))
+            self._redis.rpush(self._key, encode_replies([]))
             self._redis.expire(self._key, 1)
         except RedisError:
             pass
@@ -53,9 +63,18 @@ class ReplyListener:
             if popped is None:
                 continue
             try:
-                replies = msgpack.unpackb(popped[1])
-            except (ValueError, msgpack.UnpackException) as exc:
-                log.error("replies: unreadable blob dropped: %s", exc)
-                continue
+                replies, refused = decode_replies(popped[1])
+            except ContractError as exc:
+                replies, refused = [], [f"a blob: {exc}"]
+            for reason in refused:
+                self.drops.drop("replies that do not decode", reason)
+            if refused:
+                self._count_drops()
             for reply in replies:
                 self._on_reply(reply)
+
+    def _count_drops(self) -> None:
+        try:
+            self._redis.hincrby(STATS_DROPPED_KEY, "gateways", self.drops.take())
+        except RedisError as exc:
+            log.debug("replies: drop count not recorded: %s", exc)

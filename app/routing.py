@@ -1,22 +1,32 @@
 """Choose the worker for each request: the ring, bounded loads for hot keys, circuit breakers.
 
-The router counts this gateway process's requests in flight per worker. A key goes to its
-owner on the ring unless the owner already carries more than ``load_factor`` × the mean
-in-flight load; then it spills to the next node on the ring ("Consistent Hashing with Bounded
-Loads"). Each gateway process bounds its own share of the load: processes do not exchange
-counts, so the bound holds per process, and the sum over G processes stays within
-``load_factor`` × mean + G. A worker with more than ``max_in_flight`` of our requests is full
-(the caller answers 429). Workers whose breaker is open are left out while any other remains.
+A key goes to its owner on the ring unless bounded loads ("Consistent Hashing with Bounded
+Loads", weighted) spill it to the next node. The router counts this gateway process's rows in
+flight per worker; a worker is *full* only above both one batch of the request's model
+(``floor_rows``: while its rows fit in one batch, more requests cost it nothing but a fuller
+batch, so a key always meets its owner under light load) and ``load_factor`` × its
+weight-proportional share of the rows in flight. Each gateway process bounds its own share:
+processes do not exchange counts (that would cost a Redis round trip per request), so over G
+processes a worker holds at most ``load_factor`` × its share of everybody's rows plus G
+batches. A worker with more than ``max_in_flight`` of our requests is full (the caller answers
+429). Workers whose breaker is open, or whose one half-open probe is in flight
+(:mod:`app.breaker`), are left out while any other remains.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from app.breaker import Breaker
 from hashing.membership import Member
 from hashing.ring import EmptyRingError, Ring
+
+OTHERS_FRESH_S = 0.5  # older reports of the other gateway processes are ignored
 
 
 class WorkerFull(Exception):
@@ -25,6 +35,20 @@ class WorkerFull(Exception):
     def __init__(self, node: str) -> None:
         super().__init__(node)
         self.node = node
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What :meth:`Router.acquire` hands out for one request, to give back to :meth:`Router.release`.
+
+    ``spilled``: bounded loads sent it past its key's owner. ``probe``: it is the one probe of
+    a half-open breaker (the breaker's ticket), so its verdict must travel with it.
+    """
+
+    node: str
+    rows: int
+    spilled: bool = False
+    probe: int | None = None
 
 
 class Router:
@@ -37,7 +61,10 @@ class Router:
         self._members: dict[str, Member] = {}
         self._blocked: frozenset[str] = frozenset()
         self._ring = Ring(vnodes)
-        self._in_flight: Counter[str] = Counter()
+        self._in_flight: Counter[str] = Counter()  # requests, for max_in_flight
+        self._rows: Counter[str] = Counter()  # their rows, for bounded loads
+        self._others_rows: Counter[str] = Counter()  # the other gateway processes' (reported)
+        self._others_at = -math.inf  # when they reported them
 
     def __len__(self) -> int:
         return len(self._members)
@@ -47,8 +74,20 @@ class Router:
         return dict(self._members)
 
     def in_flight(self) -> dict[str, int]:
+        """Requests in flight per node (this process)."""
         with self._lock:
             return {n: c for n, c in self._in_flight.items() if c}
+
+    def set_others_rows(self, rows: Mapping[str, int], now: float) -> None:
+        """The other gateway processes' rows in flight per worker, as they reported them at ``now``."""
+        with self._lock:
+            self._others_rows = Counter(rows)
+            self._others_at = now
+
+    def rows_in_flight(self) -> dict[str, int]:
+        """Their rows per node: what bounded loads weigh."""
+        with self._lock:
+            return {n: c for n, c in self._rows.items() if c}
 
     def set_members(self, members: dict[str, Member]) -> set[str]:
         """Follow membership; returns the nodes that left or restarted (their work is lost)."""
@@ -60,36 +99,62 @@ class Router:
             self._rebuild(self._breaker.blocked())
             return gone
 
-    def acquire(self, key: str) -> str:
-        """The node for ``key``, counted in flight until :meth:`release`."""
+    def open_breakers(self) -> list[str]:
+        """Workers whose breaker is not closed (open, half-open or probing), sorted."""
         with self._lock:
-            blocked = self._breaker.blocked()
-            if blocked != self._blocked:
-                self._rebuild(blocked)
+            return self._breaker.open_nodes()
+
+    def acquire(self, key: str, rows: int = 1, floor_rows: int = 0) -> Lease:
+        """The node for a request of ``rows`` rows under ``key``, counted until :meth:`release`.
+
+        Bounded loads count rows in flight and engage only above ``floor_rows`` per worker (one
+        batch of the request's model): while a worker's rows fit in a batch, a key meets its
+        owner. If the node's breaker is half-open, this request becomes its probe and the node
+        leaves the ring until the probe is released.
+        """
+        with self._lock:
+            self._follow_breaker()
+            owner = self._ring.lookup(key)
+            node = owner
             if self._load_factor >= 1:
-                node = self._ring.lookup_bounded(key, self._in_flight, self._load_factor)
-            else:
-                node = self._ring.lookup(key)
+                loads = self._rows
+                if time.monotonic() - self._others_at < OTHERS_FRESH_S:
+                    loads = self._rows + self._others_rows
+                node = self._ring.lookup_bounded(key, loads, self._load_factor, floor_rows, rows)
             if self._in_flight[node] >= self._max_in_flight:
                 raise WorkerFull(node)
+            probe = self._breaker.try_probe(node)
+            if probe is not None:
+                self._follow_breaker()
             self._in_flight[node] += 1
-            return node
+            self._rows[node] += rows
+            return Lease(node, rows, node != owner, probe)
 
-    def release(self, node: str, ok: bool | None) -> None:
-        """A request sent to ``node`` is over; ``ok`` is its verdict (None: not the worker's doing)."""
+    def release(self, lease: Lease, ok: bool | None) -> None:
+        """The request of ``lease`` is over.
+
+        ``ok`` is its verdict: False only for the worker's own fault, None when it says nothing
+        about the worker (the client's deadline, the worker left, the queue is down).
+        """
+        node = lease.node
         with self._lock:
             if self._in_flight[node] > 0:
                 self._in_flight[node] -= 1
-            if ok is not None:
+                self._rows[node] = max(0, self._rows[node] - lease.rows)
+            if lease.probe is not None:
+                self._breaker.end_probe(node, lease.probe, ok)
+            elif ok is not None:
                 self._breaker.record(node, ok)
+
+    def _follow_breaker(self) -> None:
+        blocked = self._breaker.blocked()
+        if blocked != self._blocked:
+            self._rebuild(blocked)
 
     def _rebuild(self, blocked: frozenset[str]) -> None:
         usable = {n: m for n, m in self._members.items() if n not in blocked} or self._members
-        ring = Ring(self._vnodes)
-        for node, member in usable.items():
-            ring.add(node, member.weight)
-        self._ring = ring
+        self._ring = Ring.from_nodes({n: m.weight for n, m in usable.items()}, self._vnodes)
         self._blocked = blocked
 
 
-__all__ = ["EmptyRingError", "Router", "WorkerFull"]
+__all__ = ["EmptyRingError", "Lease", "Router", "WorkerFull"]

@@ -3,6 +3,13 @@
 Pure Python: a tensor is checked against the model's metadata (datatype, shape) and packed
 with the standard library's ``array`` into the raw bytes the worker reads with numpy. One
 bad request is refused here, so it never joins (and fails) a batch of good ones.
+
+Every field is type-checked without walking nested values: names, keys, ``id`` and
+``parameters`` are scalars, so the only nesting a request may carry is tensor data, nested
+exactly as its shape (``flatten`` goes down ``len(shape)`` levels and refuses any list below).
+Bodies nested deeper than orjson's parse limit (1,024 levels) are malformed JSON. Error
+messages never ``repr`` a client's non-string value (``repr`` of a deep list overflows the
+stack): they name its JSON type.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.errors import BadRequest
-from tasks.contract import DATATYPES
+from tasks.contract import DATATYPES, Tensor
 from tasks.metadata import ModelMetadata, TensorSpec
 
 FP32_MAX = 3.4028234663852886e38
@@ -24,18 +31,61 @@ ELEMENT_TYPES: dict[str, tuple[type, ...]] = {
     "FP64": (int, float),
 }  # the integer datatypes take int
 
+NAME_MAX_CHARS = 1024
+"""Longest model, version or routing key (field or ``X-Routing-Key`` header) a request may send."""
 
-@dataclass(frozen=True)
-class Tensor:
-    """A validated input: ``shape[0]`` rows, ``data`` packed in native byte order."""
+SCALARS = (str, int, float, bool)  # what a ``parameters`` value may be (Open Inference Protocol)
 
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: bytes
+JSON_TYPES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "a list",
+    dict: "an object",
+}
 
-    def wire(self) -> list[Any]:
-        return [self.name, self.datatype, list(self.shape), self.data]
+
+def shown(value: Any) -> str:
+    """``value`` for an error message: a string's repr (cut to 80 chars), else its JSON type."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 80 else value[:80] + "...")
+    return JSON_TYPES.get(type(value), "null")
+
+
+def name_field(value: Any, field: str) -> str | None:
+    """A model, version or routing key: a string or an integer (not a bool), as a string.
+
+    None when absent (``null``). Strings are capped at :data:`NAME_MAX_CHARS`.
+    """
+    if value is None:
+        return None
+    if type(value) is int:
+        return str(value)
+    if type(value) is not str:
+        raise BadRequest(f"{field!r} must be a string or an integer, not {shown(value)}")
+    if len(value) > NAME_MAX_CHARS:
+        raise BadRequest(f"{field!r} is longer than {NAME_MAX_CHARS} characters")
+    return value
+
+
+def string_field(value: Any, field: str) -> str | None:
+    """An optional string (the v2 request ``id``); None when absent."""
+    if value is not None and type(value) is not str:
+        raise BadRequest(f"{field!r} must be a string, not {shown(value)}")
+    return value
+
+
+def scalar_map(value: Any, field: str) -> dict[str, Any]:
+    """Open Inference Protocol ``parameters``: an object of strings, numbers and booleans."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{field} must be an object, not {shown(value)}")
+    for key, item in value.items():
+        if not isinstance(item, SCALARS):
+            raise BadRequest(f"{field} {shown(key)} must be a string, number or boolean, not {shown(item)}")
+    return value
 
 
 def flatten(data: Any, shape: tuple[int, ...], name: str) -> list[Any]:
@@ -114,20 +164,23 @@ def parse_v2_inputs(meta: ModelMetadata, raw_inputs: Any, max_rows: int) -> tupl
         raise BadRequest("'inputs' must be a non-empty list")
     specs = {s.name: s for s in meta.inputs}
     given: dict[str, Tensor] = {}
-    for raw in raw_inputs:
+    for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
             raise BadRequest("each input must be an object with name, shape, datatype and data")
         name = raw.get("name")
-        spec = specs.get(name)  # type: ignore[arg-type]
+        if type(name) is not str:
+            raise BadRequest(f"inputs[{i}].name must be a string, not {shown(name)}")
+        spec = specs.get(name)
         if spec is None:
-            raise BadRequest(f"model {meta.name!r} has no input {name!r} (it takes {sorted(specs)})")
+            raise BadRequest(f"model {meta.name!r} has no input {shown(name)} (it takes {sorted(specs)})")
         if name in given:
             raise BadRequest(f"input {name!r} is given twice")
         if raw.get("datatype") != spec.datatype:
-            raise BadRequest(f"input {name!r}: datatype must be {spec.datatype}, got {raw.get('datatype')!r}")
+            raise BadRequest(f"input {name!r}: datatype must be {spec.datatype}, got {shown(raw.get('datatype'))}")
         shape = raw.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise BadRequest(f"input {name!r}: shape must be a list of integers")
+        scalar_map(raw.get("parameters"), f"inputs[{i}].parameters")
         if "data" not in raw:
             raise BadRequest(f"input {name!r}: no data")
         given[spec.name] = tensor(spec, raw["data"], tuple(shape))
@@ -136,6 +189,27 @@ def parse_v2_inputs(meta: ModelMetadata, raw_inputs: Any, max_rows: int) -> tupl
         raise BadRequest(f"missing inputs: {missing}")
     tensors = [given[s.name] for s in meta.inputs]
     return tensors, check_rows(meta, tensors, max_rows)
+
+
+def parse_v2_outputs(meta: ModelMetadata, raw_outputs: Any) -> list[str] | None:
+    """The outputs a v2 request asks for, by name (None: all): objects with a declared ``name``."""
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise BadRequest(f"'outputs' must be a list, not {shown(raw_outputs)}")
+    declared = [o.name for o in meta.outputs]
+    names: list[str] = []
+    for i, raw in enumerate(raw_outputs):
+        if not isinstance(raw, dict):
+            raise BadRequest(f"outputs[{i}] must be an object with a name, not {shown(raw)}")
+        name = raw.get("name")
+        if type(name) is not str:
+            raise BadRequest(f"outputs[{i}].name must be a string, not {shown(name)}")
+        if name not in declared:
+            raise BadRequest(f"unknown outputs: {shown(name)}; model {meta.name!r} has {declared}")
+        scalar_map(raw.get("parameters"), f"outputs[{i}].parameters")
+        names.append(name)
+    return names
 
 
 def unpack(datatype: str, data: bytes) -> list[Any]:

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,12 +31,48 @@ from kombu.utils.uuid import uuid as new_task_id
 from redis import Redis
 from redis.exceptions import RedisError
 
-from app.routing import Router
+from app.errors import DeadlineExceeded, RingserveError, Unavailable
+from app.routing import Lease, Router
 from app.schemas import Tensor
 from hashing.membership import Member
-from tasks.contract import STATS_ROUTED_KEY, TASK_NAME, queue_name, reply_key
+from tasks.contract import (
+    GATEWAYS_KEY,
+    STATS_ROUTED_KEY,
+    STATS_SPILLED_KEY,
+    TASK_NAME,
+    Failure,
+    Item,
+    Reply,
+    decode_counts,
+    encode_envelope,
+    gateway_load_key,
+    queue_name,
+    reply_key,
+)
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 0.1  # how often requests that could not be published are tried again
+LOAD_REPORT_S = 0.1  # how often, while requests are in flight, this process publishes their rows per node
+LOAD_REPORT_TTL_MS = 1000  # a process that stops reporting drops out of the sum after this
+
+
+def reported_rows(redis: Redis, exclude: str | None = None) -> Counter[str]:
+    """Rows in flight per worker, summed over the gateway processes that reported in the last
+    LOAD_REPORT_TTL_MS (but ``exclude``). Raises RedisError."""
+    ids: list[bytes] = sorted(redis.smembers(GATEWAYS_KEY))  # type: ignore[arg-type]
+    pipe = redis.pipeline(transaction=False)
+    for gateway_id in ids:
+        pipe.hgetall(gateway_load_key(gateway_id.decode(errors="replace")))
+    loads = pipe.execute()
+    gone = [i for i, load in zip(ids, loads, strict=True) if not load]
+    if gone:
+        redis.srem(GATEWAYS_KEY, *gone)
+    total: Counter[str] = Counter()
+    for gateway_id, load in zip(ids, loads, strict=True):
+        if gateway_id.decode(errors="replace") != exclude:
+            total.update(decode_counts(load))
+    return total
 
 
 @dataclass
@@ -48,22 +84,31 @@ class Call:
     model: str
     version: str
     tensors: list[Tensor]
-    deadline: float  # time.time() seconds
-    node: str | None = None
-    reply: dict[str, Any] | None = None
+    deadline: float  # time.monotonic() of this process
+    floor_rows: int  # one batch of its model: bounded loads engage only above it
+    lease: Lease | None = None  # the worker it was sent to, while it holds it
+    reply: Reply | None = None  # the worker's answer
+    error: RingserveError | None = None  # or the gateway's own verdict
     done: threading.Event = field(default_factory=threading.Event)
 
-    def item(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model,
-            "version": self.version,
-            "deadline_ms": self.deadline * 1000,
-            "inputs": [t.wire() for t in self.tensors],
-        }
+    @property
+    def node(self) -> str | None:
+        return None if self.lease is None else self.lease.node
 
-    def resolve(self, reply: dict[str, Any]) -> None:
+    @property
+    def rows(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def item(self, now: float) -> Item:
+        """The wire item: the time left is sent, never a clock reading."""
+        return Item(self.id, self.model, self.version, (self.deadline - now) * 1000, tuple(self.tensors))
+
+    def resolve(self, reply: Reply) -> None:
         self.reply = reply
+        self.done.set()
+
+    def fail(self, error: RingserveError) -> None:
+        self.error = error
         self.done.set()
 
 
@@ -80,6 +125,10 @@ class Dispatcher:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ringserve-sender", daemon=True)
         self._producer: Any = None
+        self._broker_down = False  # the last publish failed: log once, not at every retry
+        self._load_key = gateway_load_key(self.gateway_id)
+        self._load_reported_at = 0.0
+        self._load_reported: dict[str, int] = {}
 
     def start(self) -> None:
         self._thread.start()
@@ -90,35 +139,50 @@ class Dispatcher:
         self._drop_producer()
         self._celery.close()
 
+    @property
+    def alive(self) -> bool:
+        """The sender thread runs (an unexpected error would have ended it)."""
+        return self._thread.is_alive()
+
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def submit(self, key: str, model: str, version: str, tensors: list[Tensor], deadline: float) -> Call:
+    def submit(
+        self, key: str, model: str, version: str, tensors: list[Tensor], deadline: float, floor_rows: int
+    ) -> Call:
         """Route and queue one request. Raises EmptyRingError or WorkerFull."""
-        call = Call(f"{self.gateway_id}:{next(self._ids)}", key, model, version, tensors, deadline)
-        call.node = self.router.acquire(key)
+        call = Call(f"{self.gateway_id}:{next(self._ids)}", key, model, version, tensors, deadline, floor_rows)
+        call.lease = self.router.acquire(key, call.rows, floor_rows)
         with self._lock:
             self._pending[call.id] = call
         self._outbox.put(call)
         return call
 
-    def forget(self, call: Call) -> None:
-        """The caller stopped waiting (its deadline passed): the worker did not answer in time."""
+    def forget(self, call: Call, worker_fault: bool) -> None:
+        """The caller stopped waiting: its deadline passed with the call still unanswered.
+
+        ``worker_fault``: the deadline was the server's own request timeout, so the worker held
+        the request too long (a failure for its breaker). A client's shorter deadline says
+        nothing about the worker.
+        """
         with self._lock:
             known = self._pending.pop(call.id, None)
-        if known is not None and known.node is not None:
-            self.router.release(known.node, ok=False)
+        if known is not None and known.lease is not None:
+            self.router.release(known.lease, ok=False if worker_fault else None)
 
-    def resolve(self, reply: dict[str, Any]) -> None:
-        """An answer; answers nobody waits for are dropped (so none is given twice)."""
+    def resolve(self, reply: Reply) -> None:
+        """A worker's answer; answers nobody waits for are dropped (so none is given twice).
+
+        The worker's breaker hears only what the answer says about the worker
+        (:class:`ErrorKind`): its own failure counts against it; a result or a refused bad
+        input shows it working; a skipped expired request says nothing.
+        """
         with self._lock:
-            call = self._pending.pop(reply.get("id"), None)  # type: ignore[arg-type]
+            call = self._pending.pop(reply.id, None)
         if call is None:
             return
-        if call.node is not None:
-            from_worker = "node" in reply
-            status = int(reply.get("status", 200))
-            self.router.release(call.node, ok=status < 500 if from_worker else None)
+        if call.lease is not None:
+            self.router.release(call.lease, ok=reply.kind.verdict if isinstance(reply, Failure) else True)
         call.resolve(reply)
 
     def set_members(self, members: dict[str, Member]) -> None:
@@ -131,78 +195,155 @@ class Dispatcher:
         if orphans:
             log.warning("re-sending %d unanswered requests of %s", len(orphans), ", ".join(sorted(gone)))
         for call in orphans:
-            self.router.release(call.node, ok=None)  # type: ignore[arg-type]
+            if call.lease is not None:
+                self.router.release(call.lease, ok=None)
             try:
-                call.node = self.router.acquire(call.key)
+                call.lease = self.router.acquire(call.key, call.rows, call.floor_rows)
             except Exception as exc:  # no worker left, or all full: answer now
-                call.node = None
-                self._fail([call], 503, f"its worker left and no other can take it ({type(exc).__name__})")
+                call.lease = None
+                self._fail([call], Unavailable(f"its worker left and no other can take it ({type(exc).__name__})"))
                 continue
             self._outbox.put(call)
 
     def redis_lost(self) -> None:
-        """Redis is gone: nothing in flight can be answered, so answer it now (503)."""
+        """Redis stopped answering: keep what is in flight; it is sent again when Redis is back.
+
+        Each request still ends by its deadline (the waiting thread answers 504); new arrivals
+        get a fast 503 meanwhile (:meth:`app.gateway.Gateway.infer`).
+        """
+        with self._lock:
+            held = len(self._pending)
+        if held:
+            log.warning("Redis is unreachable: holding %d requests until it is back or their deadline passes", held)
+
+    def redis_back(self, data_lost: bool) -> None:
+        """Redis answers again; if it is a new server, what was queued or replied there is gone:
+        send every request still waiting again (a duplicate answer is harmless: the first wins).
+        """
+        if not data_lost:
+            return
         with self._lock:
             calls = list(self._pending.values())
         if calls:
-            log.warning("failing %d requests in flight: Redis is unreachable", len(calls))
-        self._fail(calls, 503, "the queue (Redis) became unreachable")
-
-    def _fail(self, calls: list[Call], status: int, message: str) -> None:
+            log.warning("Redis lost its data: sending %d waiting requests again", len(calls))
         for call in calls:
-            self.resolve({"id": call.id, "status": status, "error": message})
+            self._outbox.put(call)
+
+    def _fail(self, calls: list[Call], error: RingserveError) -> None:
+        """Answer ``calls`` with the gateway's own error; says nothing about their workers."""
+        for call in calls:
+            with self._lock:
+                known = self._pending.pop(call.id, None)
+            if known is None:
+                continue
+            if known.lease is not None:
+                self.router.release(known.lease, ok=None)
+            known.fail(error)
+
+    def _collect(self, timeout_s: float | None) -> list[Call] | None:
+        """Everything queued now, waiting up to ``timeout_s`` for the first; None: stop."""
+        try:
+            first = self._outbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return []
+        if first is None:
+            return None
+        calls = [first]
+        while True:
+            try:
+                nxt = self._outbox.get_nowait()
+            except queue.Empty:
+                return calls
+            if nxt is None:
+                self._outbox.put(None)
+                return calls
+            calls.append(nxt)
 
     def _run(self) -> None:
+        unsent: list[Call] = []  # Redis was unreachable: try again every RETRY_S until each deadline
         while True:
-            first = self._outbox.get()
-            if first is None:
+            wait_s = RETRY_S if unsent else LOAD_REPORT_S if self._pending or self._load_reported else None
+            calls = self._collect(wait_s)
+            if calls is None:
                 return
-            calls = [first]
-            while True:
-                try:
-                    nxt = self._outbox.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._outbox.put(None)
-                    break
-                calls.append(nxt)
+            calls, unsent = unsent + calls, []
             try:
-                self._send(calls)
+                unsent = self._send(calls)
+                self._report_load()
             except Exception:  # the sender thread must survive anything
                 log.exception("sender: unexpected error")
-                self._fail(calls, 503, "the gateway could not queue the request")
+                self._fail(calls, Unavailable("the gateway could not queue the request"))
 
-    def _send(self, calls: list[Call]) -> None:
+    def _report_load(self) -> None:
+        """Every LOAD_REPORT_S while busy: publish this process's rows in flight per worker, and
+        hand the other gateway processes' to the router, so that bounded loads weigh everybody's
+        rows (at most LOAD_REPORT_S old) at no Redis round trip per request.
+        """
+        now = time.monotonic()
+        if now - self._load_reported_at < LOAD_REPORT_S:
+            return
+        rows = self.router.rows_in_flight()
+        if not rows and not self._load_reported:
+            return
+        self._load_reported_at = now
+        try:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.delete(self._load_key)
+            if rows:
+                pipe.hset(self._load_key, mapping=rows)  # type: ignore[arg-type]
+                pipe.pexpire(self._load_key, LOAD_REPORT_TTL_MS)
+                pipe.sadd(GATEWAYS_KEY, self.gateway_id)
+            pipe.execute()
+            self._load_reported = rows
+            self.router.set_others_rows(reported_rows(self._redis, exclude=self.gateway_id), now)
+        except RedisError as exc:
+            log.debug("sender: load not reported: %s", exc)
+
+    def _send(self, calls: list[Call]) -> list[Call]:
+        """Publish one message per worker; returns the calls that could not be published."""
         by_node: dict[str, list[Call]] = defaultdict(list)
-        now = time.time()
+        now = time.monotonic()
         seen: set[str] = set()
         for call in calls:
             if call.id not in self._pending or call.node is None or call.id in seen:
                 continue  # answered or abandoned meanwhile, or queued twice (re-sent)
             seen.add(call.id)
             if call.deadline <= now:
-                self._fail([call], 504, "deadline passed before the request could be sent")
+                self._fail([call], DeadlineExceeded("deadline passed before the request could be sent"))
                 continue
             by_node[call.node].append(call)
-        if not by_node:
-            return
-        try:
-            # One producer (and broker connection) held for the thread's life: acquiring one
-            # per send would pay for a queue declaration and a connection check every time.
-            if self._producer is None:
-                self._producer = self._celery.producer_pool.acquire(block=True)
-            for node, node_calls in by_node.items():
-                self._publish(node, {"reply_to": self.reply_key, "items": [c.item() for c in node_calls]})
-        except (OperationalError, RedisError, OSError) as exc:
-            log.warning("sender: cannot reach the broker: %s", exc)
-            self._drop_producer()
-            self._fail([c for cs in by_node.values() for c in cs], 503, "the queue (Redis) is unreachable")
+        unsent: list[Call] = []
+        sent: dict[str, list[Call]] = {}
+        for node, node_calls in by_node.items():
+            try:
+                # One producer (and broker connection) held for the thread's life: acquiring one
+                # per send would pay for a queue declaration and a connection check every time.
+                if self._producer is None:
+                    self._producer = self._celery.producer_pool.acquire(block=True)
+                self._publish(node, encode_envelope(self.reply_key, [c.item(now) for c in node_calls]))
+                sent[node] = node_calls
+            except (OperationalError, RedisError, OSError) as exc:
+                if not self._broker_down:
+                    log.warning("sender: cannot reach the broker (%s); retrying until each deadline", exc)
+                self._broker_down = True
+                self._drop_producer()
+                unsent += node_calls
+        if sent and self._broker_down and not unsent:
+            log.info("sender: the broker answers again")
+            self._broker_down = False
+        self._count(sent)
+        return unsent
+
+    def _count(self, sent: dict[str, list[Call]]) -> None:
+        if not sent:
             return
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for node, node_calls in by_node.items():
+            for node, node_calls in sent.items():
                 pipe.hincrby(STATS_ROUTED_KEY, node, len(node_calls))
+                spilled = sum(1 for c in node_calls if c.lease is not None and c.lease.spilled)
+                if spilled:
+                    pipe.hincrby(STATS_SPILLED_KEY, node, spilled)
             pipe.execute()
         except RedisError as exc:
             log.debug("sender: statistics not recorded: %s", exc)

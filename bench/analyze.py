@@ -3,7 +3,8 @@
 Writes latency_distribution.png, node_distribution.png, performance_comparison.png,
 performance_report.txt and benchmark_results.json (several inputs are merged into one document),
 plus the plots of the scenarios whose findings are present: batching_gain.png, scaling.png,
-ring_balance.png, failover_timeline.png, hotkey_balance.png, join_timeline.png.
+ring_balance.png, failover_timeline.png, hotkey_balance.png, join_timeline.png, leave_timeline.png,
+redis_restart_timeline.png.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         written.append(plots.hotkey_balance(findings["hotkey"], sub, out / "hotkey_balance.png"))
     if "join" in findings:
         written.append(plots.join_timeline(findings["join"], sub, out / "join_timeline.png"))
+    if "leave" in findings:
+        written.append(plots.leave_timeline(findings["leave"], sub, out / "leave_timeline.png"))
+    if "redis-restart" in findings:
+        written.append(plots.redis_restart_timeline(findings["redis-restart"], sub, out / "redis_restart_timeline.png"))
     if "ring" in findings:
         ring = findings["ring"]
         ring_sub = f"{ring['keys']:,} keys · {ring['vnodes']} vnodes per node · {ring['hash']}\n" + report.machine_line(

@@ -107,6 +107,7 @@ class ClientShare:
 class LoadResult:
     records: list[Record]  # sorted by start; times from the first start
     shares: list[ClientShare]
+    origin_s: float = 0.0  # time.monotonic() at the first start: records' times + this = this machine's monotonic clock
 
     @property
     def cpu_s(self) -> float:
@@ -128,6 +129,7 @@ class LoadResult:
             "capacity_rps_per_core": len(self.records) / self.cpu_s if self.cpu_s > 0 else None,
             "saturated": self.saturated,
             "successful": ok,
+            "origin_monotonic_s": self.origin_s,
         }
 
 
@@ -190,7 +192,7 @@ def run_load(load: Load, label: str = "load", progress: bool = True, meter: Mete
                 p.join()
     origin = min((r.start_s for s in gathered.values() for r in s.records), default=0.0)
     records = sorted((r.shifted(origin) for s in gathered.values() for r in s.records), key=lambda r: r.start_s)
-    result = LoadResult(records, [gathered[i] for i in sorted(gathered)])
+    result = LoadResult(records, [gathered[i] for i in sorted(gathered)], origin)
     if result.saturated:
         busy = ", ".join(f"{100 * s.cpu_fraction:.0f}%" for s in result.shares)
         print(
@@ -267,18 +269,17 @@ async def _drive(
             try:
                 status, answer = await conn.post(body, load.timeout_s)
             except (TimeoutError, OSError, HttpError) as exc:
-                rows.append((start, time.monotonic(), NO_RESPONSE, None, None, None, type(exc).__name__))
+                rows.append((start, time.monotonic(), NO_RESPONSE, None, None, None, type(exc).__name__, key))
                 counters[err_slot] += 1
                 continue
             end = time.monotonic()
             if status != 200:
-                rows.append((start, end, status, None, None, None, answer[:200].decode("utf-8", "replace")))
+                rows.append((start, end, status, None, None, None, answer[:200].decode("utf-8", "replace"), key))
                 counters[err_slot] += 1
                 continue
             reply = bodies.parse(answer)
-            rows.append(
-                (start, end, 200, reply.node, reply.batch_size, reply.cached, None if reply.valid else "no output")
-            )
+            error = None if reply.valid else "no output"
+            rows.append((start, end, 200, reply.node, reply.batch_size, reply.cached, error, key))
             counters[ok_slot if reply.valid else err_slot] += 1
 
     try:

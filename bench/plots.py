@@ -276,6 +276,13 @@ EVENT_STYLES = {
     "add_worker": ("tab:purple", "-"),
     "announced": ("tab:orange", ":"),
     "shown": ("tab:green", "--"),
+    "sigterm": ("tab:red", "-"),
+    "unannounced": ("tab:orange", ":"),
+    "gone": ("tab:green", "--"),
+    "redis_up": ("tab:green", "--"),
+    "full_service": ("tab:blue", ":"),
+    "not_ready": ("tab:orange", ":"),
+    "ready_again": ("tab:olive", ":"),
 }
 
 
@@ -321,54 +328,134 @@ def failover_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Pat
     return _save(fig, path)
 
 
-def hotkey_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
-    """Share of requests per worker with and without bounded loads, and the in-flight max/mean."""
-    fig, (share, inflight) = _figure(f"Hot keys (Zipf s={finding['zipf']:g}): bounded loads on and off", subtitle, 2)
-    modes = finding["modes"]
-    nodes = sorted({n for m in modes.values() for n in m["nodes"]})
-    width = 0.8 / max(len(modes), 1)
-    for i, (mode, m) in enumerate(modes.items()):
-        x = np.arange(len(nodes)) + i * width
-        values = [100 * m["share_per_node"].get(n, 0.0) for n in nodes]
-        label = f"{mode} (load factor {m['load_factor']:g}): max/mean {m['requests_max_over_mean']:.2f}"
-        _bar_values(share, share.bar(x, values, width, label=label), "{:.1f}")
-    if nodes:
-        share.axhline(100 / len(nodes), color="gray", linestyle="--", linewidth=1, label="even share")
-    share.set_xticks(np.arange(len(nodes)) + width * (len(modes) - 1) / 2, nodes)
-    share.set(xlabel="worker", ylabel="share of successful requests (%)", title="Requests per worker")
-    share.set_ylim(top=1.3 * max([100 * v for m in modes.values() for v in m["share_per_node"].values()] + [1]))
-    share.legend(fontsize=8, loc="upper right")
-    names = list(modes)
-    medians = [modes[n]["in_flight"]["median_max_over_mean"] or 0.0 for n in names]
-    p90s = [modes[n]["in_flight"]["p90_max_over_mean"] or 0.0 for n in names]
-    pos = np.arange(len(names))
-    _bar_values(inflight, inflight.bar(pos - 0.2, medians, 0.4, label="median over samples"), "{:.2f}")
-    _bar_values(inflight, inflight.bar(pos + 0.2, p90s, 0.4, label="90th percentile", color="tab:gray"), "{:.2f}")
-    inflight.axhline(finding["target_in_flight_max_over_mean"], color="tab:red", linestyle=":", label="target 1.25")
-    inflight.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="perfect")
-    inflight.set_xticks(pos, [f"{n}\n({modes[n]['in_flight']['samples']} samples)" for n in names])
-    inflight.set(
-        ylabel="busiest worker's in-flight / mean",
-        title="In-flight balance (/stats every 100 ms, 1 gateway process each)",
+def redis_restart_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Requests/s, p99 and max latency, and failures per second by status over the run, with the Redis
+    kill, its restart, the moment it answered again and full service marked."""
+    rec = finding["recovery"]
+    full = rec["full_service_after_up_s"]
+    title = (
+        f"Redis SIGKILLed, restarted empty {finding['outage_s']:.1f} s later: {finding['failed']:,} failed"
+        f" of {finding['requests']:,}, "
+        + (f"full service {full:.1f} s after Redis answered again" if full is not None else "service never full again")
     )
-    inflight.set_ylim(0, 1.25 * max(p90s + medians + [1.5]))
-    inflight.legend(fontsize=8, loc="upper left")
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    tput, lat, errors = fig.subplots(3, 1, sharex=True)
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    series = finding["series"]
+    t = series["t"]
+    tput.plot(t, series["throughput_rps"], "o-", markersize=3)
+    tput.axhline(rec["pre_kill_rps"], color="gray", linestyle="--", linewidth=1, label="pre-kill rate")
+    tput.axhline(
+        rec["back_share"] * rec["pre_kill_rps"],
+        color="gray",
+        linestyle=":",
+        linewidth=1,
+        label=f"{100 * rec['back_share']:.0f} % of it (throughput back)",
+    )
+    tput.set(ylabel="successful requests/s", title="Throughput per second (by end time)")
+    tput.yaxis.set_major_formatter(THOUSANDS)
+    tput.set_ylim(bottom=0)
+    lat.plot(
+        t,
+        [v if v is not None else math.nan for v in series["p99_ms"]],
+        "o-",
+        markersize=3,
+        color="tab:orange",
+        label="p99",
+    )
+    lat.plot(t, [v if v is not None else math.nan for v in series["max_ms"]], ".", color="tab:gray", label="max")
+    lat.axhline(finding["request_timeout_ms"], color="tab:red", linestyle=":", label="request timeout")
+    lat.set_yscale("log")
+    _plain_log(lat.yaxis)
+    lat.set(
+        ylabel="latency (ms, log scale)", title="p99 (line) and max (dots) latency per second (successful, by end time)"
+    )
+    bottom = np.zeros(len(t))
+    for status, counts in finding["series"]["errors_by_status_per_s"].items():
+        errors.bar(t, counts, width=0.8, bottom=bottom, label=status)
+        bottom += np.array(counts)
+    errors.set(
+        xlabel="time since the load started (s)",
+        ylabel="failed requests/s",
+        title="Failures per second by status (by end time)",
+    )
+    events = {
+        k: finding["events_s"][k] for k in ("kill", "not_ready", "restart", "redis_up", "ready_again", "full_service")
+    }
+    for ax in (tput, lat, errors):
+        _events(ax, events, ax is tput)
+        ax.grid(True, alpha=0.3)
+    tput.legend(fontsize=8, loc="lower left")
+    lat.legend(fontsize=8, loc="upper left")
+    if finding["series"]["errors_by_status_per_s"]:
+        errors.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
-def join_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
-    """Requests per second per worker over the run, with the add-worker, announcement and ring update marked."""
-    fig, (ax,) = _figure(
-        f"Live join of {finding['added']}: {finding['failed']:,} failed requests, "
-        f"keys moved {100 * finding['keys_moved']:.1f}% (ideal {100 * finding['ideal_moved']:.1f}%)",
-        subtitle,
-        1,
-        11,
+def hotkey_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Per run (users × bounded loads on/off): share of requests per worker, the busiest worker's rows in
+    flight against the bound, and throughput with p99."""
+    fig, (share, inflight, perf) = _figure(
+        f"Hot keys (Zipf s={finding['zipf']:g}): bounded loads on and off", subtitle, 3, 5.5
     )
+    runs = [(f"{p['concurrent']} users\n{mode}", m) for p in finding["levels"] for mode, m in p["modes"].items()]
+    nodes = sorted({n for _, m in runs for n in m["nodes"]})
+    width = 0.8 / max(len(nodes), 1)
+    pos = np.arange(len(runs))
+    for i, node in enumerate(nodes):
+        values = [100 * m["share_per_node"].get(node, 0.0) for _, m in runs]
+        share.bar(pos - 0.4 + (i + 0.5) * width, values, width, label=node)
+    if nodes:
+        share.axhline(100 / len(nodes), color="gray", linestyle="--", linewidth=1, label="even share")
+    share.set_xticks(pos, [label for label, _ in runs], fontsize=8)
+    share.set(ylabel="share of successful requests (%)", title="Requests per worker")
+    share.set_ylim(top=1.3 * max([100 * v for _, m in runs for v in m["share_per_node"].values()] + [1]))
+    share.legend(fontsize=8, loc="upper right")
+    bound = [m["in_flight"]["max_over_bound"] or 0.0 for _, m in runs]
+    medians = [m["in_flight"]["median_max_over_mean"] or 0.0 for _, m in runs]
+    _bar_values(inflight, inflight.bar(pos - 0.2, bound, 0.4, label="max busiest / bound", color="tab:red"), "{:.2f}")
+    _bar_values(inflight, inflight.bar(pos + 0.2, medians, 0.4, label="median busiest / mean"), "{:.2f}")
+    inflight.axhline(1.0, color="tab:red", linestyle=":", label="target (bounded): max busiest / bound <= 1")
+    inflight.set_xticks(pos, [f"{label}\n{m['in_flight']['samples']} samples" for label, m in runs], fontsize=8)
+    inflight.set(
+        ylabel="ratio",
+        title=f"Rows in flight (all gateways, /stats every 100 ms)\nbound = max({finding['batch_rows']} rows,"
+        f" {finding['bound_load_factor']:g} x mean)",
+    )
+    inflight.set_ylim(0, 1.3 * max(bound + medians + [1.5]))
+    inflight.legend(fontsize=8, loc="upper left")
+    colors = ["tab:blue" if "bounded" in label and "unbounded" not in label else "tab:gray" for label, _ in runs]
+    _bar_values(perf, perf.bar(pos, [m["throughput_rps"] for _, m in runs], 0.6, color=colors))
+    perf.set_xticks(pos, [label for label, _ in runs], fontsize=8)
+    perf.set(ylabel="successful requests/s", title="Throughput (bars) and p99 (dots, right axis)")
+    perf.yaxis.set_major_formatter(THOUSANDS)
+    p99 = perf.twinx()
+    p99.plot(pos, [m["p99_ms"] or math.nan for _, m in runs], "o", color="tab:orange")
+    for x, (_, m) in zip(pos, runs, strict=True):
+        if m["p99_ms"] is not None:
+            p99.annotate(
+                f"{m['p99_ms']:.0f} ms", (x, m["p99_ms"]), xytext=(6, 0), textcoords="offset points", fontsize=8
+            )
+    p99.set_ylabel("p99 latency (ms)")
+    p99.set_ylim(bottom=0, top=1.3 * max([m["p99_ms"] or 0.0 for _, m in runs] + [1.0]))
+    return _save(fig, path)
+
+
+def _membership_timeline(finding: dict[str, Any], title: str, moved: dict[str, int], subtitle: str, path: Path) -> Path:
+    """Requests/s per worker over the run with the membership events marked, and what the answers showed
+    of the keys: answered in both phases, moved (split as ``moved`` says), unstable within a phase."""
+    fig = Figure(figsize=(15, 5.6), layout="constrained")
+    ax, keys = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.4, 1]})
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
     series = finding["series"]
     for node, values in series["nodes"].items():
         ax.plot(series["t"], values, "o-", markersize=3, label=node)
     _events(ax, finding["events_s"], True)
+    for name, t in finding["phases_s"].items():
+        if t is not None and name == "before_until":
+            ax.axvspan(0, t, color="tab:gray", alpha=0.08, label="before phase")
+        elif t is not None:
+            ax.axvspan(t, max(series["t"], default=t) + 0.5, color="tab:green", alpha=0.08, label="after phase")
     ax.set(
         xlabel="time since the load started (s)",
         ylabel="successful requests/s",
@@ -378,4 +465,50 @@ def join_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    seen = finding["observed"]
+    aff = seen["affinity"]
+    labels = ["answered\nin both", *moved, "unstable\nbefore", "unstable\nafter"]
+    values = [seen["keys_in_both"], *moved.values(), aff["before"]["unstable"], aff["after"]["unstable"]]
+    colors = ["tab:gray"] + ["tab:blue"] * len(moved) + ["tab:red"] * 2
+    _bar_values(keys, keys.bar(range(len(values)), values, 0.6, color=colors))
+    keys.axhline(
+        seen["ideal"] * seen["keys_in_both"],
+        color="tab:blue",
+        linestyle=":",
+        label="ideal moved share × answered in both",
+    )
+    keys.set_xticks(range(len(labels)), labels, fontsize=8)
+    keys.set(
+        ylabel="routing keys",
+        xlabel="unstable: answered by more than one node within a phase",
+        title="Routing keys, from the answers' node",
+    )
+    keys.set_ylim(top=1.2 * max(values + [1]))
+    keys.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
+
+
+def join_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """A live join: requests/s per worker with add-worker, announcement and ring update marked; keys moved."""
+    seen, new = finding["observed"], finding["added"]
+    share = seen["moved_share"]
+    title = f"Live join of {new}: {finding['failed']:,} failed requests, " + (
+        f"keys moved {100 * share:.1f}% observed (ideal {100 * seen['ideal']:.1f}%)"
+        if share is not None
+        else "no key answered both before and after"
+    )
+    moved = {f"moved to\n{new}": seen["moved_to_new"], "moved between\nold workers": seen["moved_between_old"]}
+    return _membership_timeline(finding, title, moved, subtitle, path)
+
+
+def leave_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """A graceful leave: requests/s per worker with the SIGTERM and ring update marked; keys moved."""
+    seen, gone = finding["observed"], finding["leaver"]
+    share = seen["moved_share"]
+    title = f"Graceful leave of {gone} (SIGTERM): {finding['failed']:,} failed requests, " + (
+        f"keys moved {100 * share:.1f}% observed (ideal {100 * seen['ideal']:.1f}%)"
+        if share is not None
+        else "no key answered both before and after"
+    )
+    moved = {f"moved:\n{gone}'s": seen["leaver_keys_moved"], "moved:\nothers'": seen["moved_others"]}
+    return _membership_timeline(finding, title, moved, subtitle, path)

@@ -19,6 +19,7 @@ class Record:
     batch_size: int | None = None  # rows in the forward pass that served this request
     cached: bool | None = None
     error: str | None = None  # why a request failed, when it did
+    key: int | None = None  # index of the routing key (its name: bench.keys.KeySpace.name(key))
 
     @property
     def ok(self) -> bool:
@@ -45,4 +46,5 @@ class Record:
             self.batch_size,
             self.cached,
             self.error,
+            self.key,
         )

@@ -16,6 +16,82 @@ def _n(value: Any, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _percent(share: float | None, digits: int = 1) -> str:
+    return "-" if share is None else f"{100 * share:.{digits}f} %"
+
+
+def _moved_lines(seen: dict[str, Any], phases: dict[str, float | None], ideal: str, target: str) -> list[str]:
+    """Keys moved by a join or leave, as observed in the answers (bench.scenarios.owners)."""
+    if not seen["keys_in_both"]:
+        return [
+            f"   keys moved, observed in the answers: none to compare: no key was answered both before"
+            f" {_n(phases['before_until'], 2)} s and after {_n(phases['after_from'], 2)} s"
+            " (did the ring settle only after the load ended? a longer --duration would tell)"
+        ]
+    return [
+        f"   keys moved, observed in the answers: of {seen['keys_in_both']:,} keys answered both before"
+        f" {_n(phases['before_until'], 2)} s and after {_n(phases['after_from'], 2)} s, {seen['moved']:,} changed node:"
+        f" {_percent(seen['moved_share'])} (ideal {ideal} = {_percent(seen['ideal'])};"
+        f" {_n(seen['moved_over_ideal'], 2)}x the ideal; {target})",
+        f"   of the {seen['stable_in_both']:,} of them answered by a single node in each phase,"
+        f" {seen['moved_stable']:,} moved ({_percent(seen['moved_share_stable'])})",
+    ]
+
+
+def _affinity_lines(seen: dict[str, Any]) -> list[str]:
+    """Keys answered by several nodes within one phase (same key routed twice, another node)."""
+    aff = seen["affinity"]
+    phases = [
+        f"{name} {_percent(a['affinity'])} ({a['unstable']:,} unstable of {a['repeated']:,} keys answered"
+        f" twice or more; {a['keys']:,} keys, {a['requests']:,} answers)"
+        for name, a in (("before", aff["before"]), ("after", aff["after"]))
+    ]
+    return [
+        f"   same key, same node (keys answered by one node only; target >= {_percent(aff['target'], 0)}):",
+        *(f"     {p}" for p in phases),
+    ]
+
+
+def _redis_restart_lines(f: dict[str, Any]) -> list[str]:
+    """Redis SIGKILLed and started again, empty: what the requests saw (bench.scenarios.redis_restart)."""
+    ev, at, lat, rec, det = f["events_s"], f["in_flight_at_kill"], f["latency"], f["recovery"], f["detection_s"]
+    timeout_s = f["request_timeout_ms"] / 1000
+    lines = [
+        f"== redis-restart: SIGKILL Redis at {ev['kill']:.2f} s, started again at {ev['restart']:.2f} s, answering"
+        f" at {ev['redis_up']:.2f} s (outage {f['outage_s']:.2f} s; request timeout {timeout_s:g} s)",
+        f"   failed: {f['failed']:,} of {f['requests']:,} {f['failed_by_status'] or ''}",
+        f"   in flight at the kill: {at['requests']:,}, outcomes {at['outcomes']}; {at['timeout_outlasts_outage_ok']:,}"
+        f" of the {at['timeout_outlasts_outage']:,} whose timeout outlasts the outage answered 200 (target: all);"
+        f" slowest {_n(at['max_ms'], 1)} ms",
+        f"   arrived while Redis was down: {f['arrived_while_down']['requests']:,},"
+        f" outcomes {f['arrived_while_down']['outcomes']}; arrived after it answered: {f['arrived_after_up']}",
+    ]
+    for status, fs in f["failures"].items():
+        lines.append(
+            f"   {status}: {fs['count']:,} arrived {fs['before_kill']:,} before the kill, {fs['while_down']:,} while"
+            f" Redis was down, {fs['after_up']:,} after it answered (first {fs['first_arrival_s']:.2f} s,"
+            f" last {fs['last_arrival_s']:.2f} s)"
+        )
+    lines += [
+        f"   detection: first 503 arrived {_n(det['down_first_503'], 2)} s after the kill,"
+        f" last {_n(det['up_last_503'], 2)} s after Redis answered again"
+        " (target: 503s only while it is down, plus the detection delay);"
+        f" readiness probe (every {det['probe_interval_s']:g} s): 503 from {_n(det['down_not_ready'], 2)} s after the"
+        f" kill, 200 again {_n(det['up_ready'], 2)} s after Redis answered",
+        f"   slowest request {_n(lat['max_ms'], 1)} ms ({lat['max_status']}); {lat['over_timeout']:,} over the"
+        f" {timeout_s:g} s request timeout (target 0); p99 before the kill {_n(lat['p99_before_kill_ms'], 1)} ms,"
+        f" of those in flight at the kill {_n(lat['p99_in_flight_at_kill_ms'], 1)} ms",
+        f"   full service {_n(rec['full_service_after_up_s'], 2)} s after Redis answered again (target <= 3 s): the"
+        f" later of no failure after {_n(rec['no_failure_after_up_s'], 2)} s (last failed arrival) and throughput"
+        f" back after {_n(rec['throughput_back_after_up_s'], 2)} s (first {rec['window_s']:g} s window with"
+        f" >= {100 * rec['back_share']:.0f} % of the pre-kill {_n(rec['pre_kill_rps'])} req/s);"
+        f" /stats answered again {_n(None if ev['stats_back'] is None else ev['stats_back'] - ev['redis_up'], 2)} s"
+        " after",
+        f"   throughput {_n(f['throughput_rps'])} req/s over the run",
+    ]
+    return lines
+
+
 def machine_line(machine: dict[str, Any]) -> str:
     load = machine.get("load_average_1m")
     return f"{machine.get('cores')} cores {machine.get('cpu_model')}, Python {machine.get('python')}" + (
@@ -152,29 +228,73 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         ]
     if "hotkey" in findings:
         h = findings["hotkey"]
-        lines.append(f"== hotkey: Zipf s={h['zipf']:g}, bounded loads on and off")
-        for mode, m in h["modes"].items():
-            inf = m["in_flight"]
+        lines += [
+            f"== hotkey: Zipf s={h['zipf']:g}, bounded loads on and off; in flight: rows per worker summed over every"
+            " gateway process (/stats every 100 ms)",
+            f"   bound = max(one batch = {h['batch_rows']} rows, {h['bound_load_factor']:g} x mean over workers);"
+            " targets: bounded busiest/bound never > 1, spills > 0 at 200 users, bounded throughput and p99"
+            " at least as good as unbounded",
+        ]
+        for point in h["levels"]:
+            for mode, m in point["modes"].items():
+                inf = m["in_flight"]
+                lines.append(
+                    f"   {point['concurrent']:>4} users {mode:<9} (load factor {m['load_factor']:g}):"
+                    f" {_n(m['throughput_rps'])} req/s, p99 {_n(m['p99_ms'], 1)} ms, failed {m['failed']:,},"
+                    f" spilled {m['spilled']:,} of {m['routed']:,} {m['spilled_per_node'] or ''};"
+                    f" busiest/bound max {_n(inf['max_over_bound'], 2)} ({inf['samples_over_bound']} of"
+                    f" {inf['samples']} samples > 1, busiest {_n(inf['max_busiest_rows'])} rows),"
+                    f" busiest/mean median {_n(inf['median_max_over_mean'], 2)}"
+                    f" (p90 {_n(inf['p90_max_over_mean'], 2)});"
+                    f" requests per node {m['requests_per_node']} max/mean {_n(m['requests_max_over_mean'], 3)}"
+                )
+            r = point["bounded_over_unbounded"]
             lines.append(
-                f"   {mode:<9} load factor {m['load_factor']:g}: requests per node {m['requests_per_node']}"
-                f" max/mean {_n(m['requests_max_over_mean'], 3)}; in-flight busiest/mean median"
-                f" {_n(inf['median_max_over_mean'], 2)} (p90 {_n(inf['p90_max_over_mean'], 2)},"
-                f" {inf['samples']} samples);"
-                f" {_n(m['throughput_rps'])} req/s, p99 {_n(m['p99_ms'], 1)} ms"
+                f"   {point['concurrent']:>4} users bounded/unbounded: throughput {_n(r['throughput'], 3)}x,"
+                f" p99 {_n(r['p99'], 3)}x (lower is better)"
             )
-        lines.append(f"   target: bounded in-flight busiest/mean <= {h['target_in_flight_max_over_mean']:g}")
     if "join" in findings:
         j = findings["join"]
-        ev = j["events_s"]
+        ev, seen = j["events_s"], j["observed"]
+        new, n = j["added"], len(j["initial_nodes"])
         lines += [
-            f"== join: {j['added']} added to {j['initial_nodes']} at {ev['add_worker']:.2f} s",
+            f"== join: {new} added to {j['initial_nodes']} at {ev['add_worker']:.2f} s;"
+            f" {j['concurrent']} concurrent users over {j['keys']:,} keys",
             f"   failed: {j['failed']:,} {j['failed_by_status'] or ''}  (target 0)",
             f"   announced in Redis at {_n(ev['announced'], 2)} s; every /stats sample shows it from"
             f" {_n(ev['shown'], 2)} s: {_n(j['shown_after_announced_s'], 2)} s after the announcement (target <= 2 s)",
-            f"   requests per node before {j['requests_per_node_before']}  after {j['requests_per_node_after']}",
-            f"   keys moved ({j['keys']:,} keys, {j['vnodes']} vnodes): {j['keys_moved']:.4f}"
-            f" (ideal {j['ideal_moved']:.4f}, {j['moved_over_ideal']:.3f}x; target <= 1.1x)",
+            f"   requests per node before the announcement {j['requests_per_node_before']}"
+            f"  after /stats showed it {j['requests_per_node_after']}",
+            *_moved_lines(seen, j["phases_s"], f"1/{n + 1}", "target <= 1.1x"),
+            f"   moved to {new}: {seen['moved_to_new']:,}, between old workers: {seen['moved_between_old']:,}"
+            f" (target: all to {new}, 0 between old workers); routes {seen['routes'] or '-'}",
+            *_affinity_lines(seen),
+            f"   computed, not observed: hashing.ring.Ring {n} -> {n + 1} nodes ({j['computed']['vnodes']} vnodes)"
+            f" moves {_percent(j['computed']['moved_share'])} of the {j['keys']:,} keys",
         ]
+    if "leave" in findings:
+        lv = findings["leave"]
+        ev, seen = lv["events_s"], lv["observed"]
+        gone, n = lv["leaver"], len(lv["initial_nodes"])
+        lines += [
+            f"== leave: SIGTERM to {gone} of {lv['initial_nodes']} at {ev['sigterm']:.2f} s;"
+            f" {lv['concurrent']} concurrent users over {lv['keys']:,} keys",
+            f"   failed: {lv['failed']:,} {lv['failed_by_status'] or ''}  (target 0)",
+            f"   gone from Redis at {_n(ev['unannounced'], 2)} s; every /stats sample shows the ring without it from"
+            f" {_n(ev['gone'], 2)} s: {_n(lv['gone_after_sigterm_s'], 2)} s after the SIGTERM",
+            f"   requests per node before the SIGTERM {lv['requests_per_node_before']}"
+            f"  after /stats dropped it {lv['requests_per_node_after']}",
+            *_moved_lines(seen, lv["phases_s"], f"1/{n}", f"only {gone}'s keys should move"),
+            f"   {gone}'s keys: {seen['leaver_keys']:,}, moved {seen['leaver_keys_moved']:,} (target: all);"
+            f" other workers' keys moved: {seen['moved_others']:,} (target 0);"
+            f" answers by {gone} after it was gone: {seen['answered_by_leaver_after']:,} (target 0)",
+            f"   routes {seen['routes'] or '-'}",
+            *_affinity_lines(seen),
+            f"   computed, not observed: hashing.ring.Ring {n} -> {n - 1} nodes ({lv['computed']['vnodes']} vnodes)"
+            f" moves {_percent(lv['computed']['moved_share'])} of the {lv['keys']:,} keys",
+        ]
+    if "redis-restart" in findings:
+        lines += _redis_restart_lines(findings["redis-restart"])
     if "skipped" in findings:
         for name, why in findings["skipped"].items():
             lines.append(f"== skipped {name}: {why}")

@@ -15,7 +15,20 @@ from pathlib import Path
 from types import FrameType
 
 from bench import analyze, machine
-from bench.scenarios import batching, ceiling, client, compare, failover, hotkey, join, load, ring, scaling
+from bench.scenarios import (
+    batching,
+    ceiling,
+    client,
+    compare,
+    failover,
+    hotkey,
+    join,
+    leave,
+    load,
+    redis_restart,
+    ring,
+    scaling,
+)
 from bench.scenarios.spec import Context, Scenario
 from bench.system import ROOT
 
@@ -32,6 +45,8 @@ SCENARIOS: dict[str, Scenario] = {
         failover.SCENARIO,
         hotkey.SCENARIO,
         join.SCENARIO,
+        leave.SCENARIO,
+        redis_restart.SCENARIO,
     )
 }
 RESULTS_DIR = ROOT / "bench" / "results"

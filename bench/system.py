@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
 
 from bench import procs
 
@@ -33,6 +37,8 @@ LOG_TAIL_LINES = 40
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 REAP_INTERVAL_S = 0.05
 LEFTOVER_TIMEOUT_S = 5.0
+REDIS_START_TIMEOUT_S = 20.0  # as the run script's start_redis
+REDIS_POLL_S = 0.01
 PREFIX = "RINGSERVE_"
 # Set by the harness for every system it starts; the caller's other RINGSERVE_* settings pass through.
 HARNESS_OWNED = frozenset({"REDIS_URL", "RUN_DIR", "PORT", "FLOWER_PORT", "REDIS_PORT", "WORKERS"})
@@ -202,6 +208,44 @@ class RingServe:
         os.kill(pid, sig)
         return pid
 
+    def restart_redis(self) -> int:
+        """Start the system's Redis again after a crash (``kill("redis")``): the run script's ``start_redis``
+        command (same binary lookup, port, directory and options; no persistence, so it comes back empty,
+        as a new server with a new ``run_id``), logging to ``logs/redis.log`` and recorded in ``pids/redis.pid``
+        so that ``stop`` stops it. Returns its pid once it answers PING."""
+        binary = shutil.which("redis-server", path=self.env.get("PATH")) or str(ROOT / ".venv" / "bin" / "redis-server")
+        (self.run_dir / "redis").mkdir(parents=True, exist_ok=True)
+        log = (self.run_dir / "logs" / "redis.log").open("ab")
+        with log:
+            proc = subprocess.Popen(
+                [
+                    binary,
+                    *("--bind", HOST, "--port", self.env["RINGSERVE_REDIS_PORT"], "--dir", str(self.run_dir / "redis")),
+                    *("--save", "", "--appendonly", "no", "--maxclients", "10000"),
+                ],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.run_dir / "pids" / "redis.pid").write_text(f"{proc.pid}\n")
+        if self._reaper is not None:
+            self._reaper.adopt([proc.pid])
+        client = Redis.from_url(self.redis_url, socket_timeout=1.0)
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return proc.pid
+                except RedisError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise StartError(f"Redis did not restart:\n{self.log_tails()}") from None
+                    time.sleep(REDIS_POLL_S)
+        finally:
+            client.close()
+
     def start_worker(self, node_id: str) -> int:
         """Start worker ``node_id`` as the run script does (same command, environment, log and pid file),
         e.g. to restart a killed worker under its old id, which ``add-worker`` never reuses; ``stop`` stops it."""
@@ -281,9 +325,10 @@ def stop_leftovers(tree: dict[int, int], timeout_s: float = LEFTOVER_TIMEOUT_S) 
 
 
 def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """What the gateway's counters (/stats) added during a run: requests per node, batch sizes, errors."""
+    """What the gateway's counters (/stats) added during a run: requests per node, batch sizes, errors,
+    requests bounded loads sent past their owner (per worker they went to)."""
     delta = {}
-    for name in ("requests_per_node", "batch_size_histogram", "errors_by_status"):
+    for name in ("requests_per_node", "batch_size_histogram", "errors_by_status", "spilled_per_node"):
         old, new = before.get(name, {}), after.get(name, {})
         delta[name] = {k: int(v) - int(old.get(k, 0)) for k, v in new.items() if int(v) - int(old.get(k, 0))}
     return delta

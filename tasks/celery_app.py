@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from tasks.settings import Settings
+from tasks.transport import transport_for
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -34,6 +35,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         worker_prefetch_multiplier=settings.prefetch_messages,
         broker_transport_options={"ack_emulation": False},
+        # kombu's Redis transport, with a guard that drops what is not a kombu message instead
+        # of letting it stop the worker (tasks.transport).
+        broker_transport=transport_for(settings.redis_url),
         broker_connection_retry_on_startup=True,
         worker_pool="solo",
         worker_concurrency=1,

@@ -18,6 +18,8 @@ timers and the forward pass, so no locks are needed.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 import uuid
@@ -26,72 +28,99 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import msgpack
+import celery.worker.consumer
 import numpy as np
-from celery import Celery, Task, bootsteps
+from celery import Celery, Task, bootsteps, signals
+from celery.worker.state import maybe_shutdown
 from redis import Redis
 from redis.exceptions import RedisError
 
 from hashing.membership import Member, Membership
 from tasks.batching import Batch, BatchPolicy, Collector
 from tasks.contract import (
+    ANNOUNCEMENTS,
     DATATYPES,
     STATS_BATCHES_KEY,
+    STATS_DROPPED_KEY,
     STATS_EXPIRED_KEY,
     TASK_NAME,
+    BadItem,
+    ContractError,
+    Envelope,
+    ErrorKind,
+    Failure,
+    Item,
+    Reply,
+    Result,
+    Tensor,
+    decode_envelope,
+    encode_replies,
     node_id_from_hostname,
     queue_name,
 )
 from tasks.engine import InputError, Model
 from tasks.repository import Repository, UnknownModelError
 from tasks.settings import Settings
+from tasks.transport import DROPS
 
 log = logging.getLogger(__name__)
 
-Reply = dict[str, Any]
-
-
-class BadItem(ValueError):
-    """A request the worker cannot decode; it gets a 400 reply of its own."""
+RECONNECT_S = 0.25  # between attempts to reach the broker while it is down
 
 
 @dataclass
-class Envelope:
+class Delivery:
     """One Celery message: acknowledged once each of its requests has been answered."""
 
     reply_to: str
     unanswered: int
     ack: Callable[[], None]
 
-    def answered(self, n: int = 1) -> None:
-        self.unanswered -= n
+    def answered(self) -> None:
+        self.unanswered -= 1
         if self.unanswered == 0:
             self.ack()
 
 
 @dataclass
 class Pending:
-    item: dict[str, Any]
-    envelope: Envelope
+    item: Item
+    deadline: float  # time.monotonic() of this host: receipt + the item's budget
+    delivery: Delivery
 
 
-def decode_inputs(item: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The item's tensors as arrays; the gateway validated them, so this only guards."""
-    try:
-        arrays = {}
-        for name, datatype, shape, data in item["inputs"]:
-            arrays[name] = np.frombuffer(data, dtype=DATATYPES[datatype].numpy).reshape(shape)
-        return arrays
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadItem(f"malformed input tensor: {exc}") from None
+def check_inputs(model: Model, item: Item) -> None:
+    """The item's tensors are the model's inputs, so it cannot fail a batch it joins."""
+    specs = {s.name: s for s in model.metadata.inputs}
+    if sorted(t.name for t in item.inputs) != sorted(specs):
+        raise InputError(f"model {model.metadata.name} takes inputs {sorted(specs)}")
+    for t in item.inputs:
+        spec = specs[t.name]
+        if t.datatype != spec.datatype or t.shape[1:] != spec.row_shape:
+            raise InputError(f"input {t.name!r} must be {spec.datatype} of shape {list(spec.shape)}")
 
 
-def encode_outputs(model: Model, outputs: dict[str, np.ndarray], start: int, stop: int) -> list[list[Any]]:
+def decode_inputs(item: Item) -> dict[str, np.ndarray]:
+    """The item's tensors as arrays (their sizes were checked by the contract)."""
+    return {t.name: np.frombuffer(t.data, dtype=DATATYPES[t.datatype].numpy).reshape(t.shape) for t in item.inputs}
+
+
+def envelope_of(decoded: Any) -> Envelope:
+    """The envelope of a decoded task message body ``(args, kwargs, embed)``."""
+    if type(decoded) not in (list, tuple) or len(decoded) != 3:
+        raise ContractError("the task body is not (args, kwargs, embed)")
+    args = decoded[0]
+    if type(args) not in (list, tuple) or len(args) != 1:
+        raise ContractError("the task takes exactly one argument, the envelope")
+    return decode_envelope(args[0])
+
+
+def encode_outputs(model: Model, outputs: dict[str, np.ndarray], start: int, stop: int) -> tuple[Tensor, ...]:
     tensors = []
     for spec in model.metadata.outputs:
         part = np.ascontiguousarray(outputs[spec.name][start:stop])
-        tensors.append([spec.name, spec.datatype, list(part.shape), part.tobytes()])
-    return tensors
+        tensors.append(Tensor(spec.name, spec.datatype, part.shape, part.tobytes()))
+    return tuple(tensors)
 
 
 class Server:
@@ -102,7 +131,7 @@ class Server:
         self.node_id = settings.node_id
         self.repository = Repository(settings.model_repository)
         self.redis = Redis.from_url(settings.redis_url)
-        self.membership = Membership(self.redis, settings.member_ttl_ms)
+        self.membership = Membership(self.redis, settings.member_ttl_ms, ANNOUNCEMENTS)
         self.member = Member(settings.node_weight, uuid.uuid4().hex)
         self.collector: Collector[Pending] = Collector(self._policy)
         self._timer: Any = None
@@ -111,12 +140,15 @@ class Server:
         self._heartbeat: Any = None
         self._connection_errors: tuple[type[BaseException], ...] = ()
         self._loaded = False
+        self._server_id: str | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self, consumer: Any) -> Callable[..., None]:
         """Called by Celery when the worker (re)connects; returns the message handler."""
         self.node_id = self.settings.node_id or node_id_from_hostname(consumer.hostname)
+        if not ANNOUNCEMENTS.valid_node_id(self.node_id):
+            raise ValueError(f"node id {self.node_id!r}: use 1-64 letters, digits, '_', '.' or '-'")
         own_queue = queue_name(self.node_id)
         if own_queue not in consumer.app.amqp.queues:
             log.warning("node %s does not consume %s: start it with -Q %s", self.node_id, own_queue, own_queue)
@@ -136,10 +168,12 @@ class Server:
             stale = consumer.connection.default_channel.queue_purge(own_queue)
             if stale:
                 log.warning("node %s: discarded %d messages left from an earlier run", self.node_id, stale)
+        self._cancel_wakeup()  # a reconnect brings a new timer: nothing scheduled on the old one
         self._timer = consumer.timer
         self._connection_errors = consumer.connection_errors
         self._announce()
         self._heartbeat = self._timer.call_repeatedly(self.settings.heartbeat_ms / 1000, self._announce)
+        self._schedule()
         log.info("node %s: serving %s", self.node_id, own_queue)
         return self.on_message
 
@@ -158,41 +192,63 @@ class Server:
             self._run(batch)
 
     def _announce(self) -> None:
+        """Heartbeat (and every reconnect): refresh the announcement, publish the drop count.
+
+        A new Redis ``run_id`` means the server lost its data, our announcement included: say
+        so; the announcement below puts us back in every ring at once.
+        """
+        dropped = DROPS.take()
         try:
+            server_id = self.membership.server_id()
+            if self._server_id not in (None, server_id):
+                log.warning("node %s: Redis is a new server (its data is gone); announcing again", self.node_id)
+            self._server_id = server_id
             self.membership.announce(self.node_id, self.member)
+            if dropped:
+                self.redis.hincrby(STATS_DROPPED_KEY, self.node_id, dropped)
         except RedisError as exc:
             log.warning("node %s: heartbeat failed: %s", self.node_id, exc)
 
     # -- messages ------------------------------------------------------------------------
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **_: Any) -> None:
-        """Celery's strategy signature; ``ack`` is the worker's acknowledge promise."""
-        args, _kwargs, _embed = message.decode()
-        envelope_body = args[0]
-        items = envelope_body.get("items") or []
-        envelope = Envelope(
-            reply_to=envelope_body["reply_to"],
-            unanswered=len(items),
-            ack=lambda: ack(log, self._connection_errors),
-        )
-        if not items:
-            envelope.ack()
+        """Celery's strategy signature; ``ack`` is the worker's acknowledge promise.
+
+        A message that is a valid Celery message but not a valid envelope is acknowledged,
+        counted and dropped; an item that does not decode is answered 400 on its own.
+        """
+        acknowledge = functools.partial(ack, log, self._connection_errors)
+        try:
+            envelope = envelope_of(message.decode())
+        except ContractError as exc:
+            DROPS.drop("task messages that are not envelopes", str(exc))
+            acknowledge()
+            return
+        delivery = Delivery(envelope.reply_to, len(envelope.items), acknowledge)
+        if not envelope.items:
+            acknowledge()
             return
         now = time.monotonic()
-        errors: list[tuple[Pending, int, str]] = []
-        for item in items:
-            pending = Pending(item, envelope)
+        refused: list[tuple[Delivery, Reply]] = []
+        for entry in envelope.items:
+            if isinstance(entry, BadItem):
+                if entry.id is None:
+                    DROPS.drop("requests without an id", entry.reason)
+                    delivery.answered()
+                else:
+                    refused.append((delivery, self._failure(entry.id, ErrorKind.BAD_INPUT, entry.reason)))
+                continue
             try:
-                key = (item["model"], item["version"])
-                rows = int(item["inputs"][0][2][0])
-                for batch in self.collector.add(key, pending, rows, now):
+                check_inputs(self.repository.get(entry.model, entry.version), entry)
+                pending = Pending(entry, now + entry.budget_ms / 1000, delivery)
+                for batch in self.collector.add((entry.model, entry.version), pending, entry.rows, now):
                     self._run(batch)
             except UnknownModelError as exc:
-                errors.append((pending, 404, str(exc)))
-            except (KeyError, ValueError, TypeError, IndexError) as exc:
-                errors.append((pending, 400, f"malformed request: {exc}"))
-        if errors:
-            self._send_replies([(p, self._error(p, status, msg)) for p, status, msg in errors], batch_size=0)
+                refused.append((delivery, self._failure(entry.id, ErrorKind.UNKNOWN_MODEL, str(exc))))
+            except ValueError as exc:  # InputError, or more rows than a batch holds
+                refused.append((delivery, self._failure(entry.id, ErrorKind.BAD_INPUT, str(exc))))
+        if refused:
+            self._send_replies(refused, batch_size=0)
         self._schedule()
 
     def _policy(self, key: Hashable) -> BatchPolicy:
@@ -234,20 +290,18 @@ class Server:
         """One forward for the batch; every request gets its own reply."""
         name, version = cast(tuple[str, str], batch.key)
         model = self.repository.get(name, version)
-        now_ms = time.time() * 1000
-        replies: list[tuple[Pending, Reply]] = []
+        now = time.monotonic()
+        replies: list[tuple[Delivery, Reply]] = []
         live: list[tuple[Pending, dict[str, np.ndarray]]] = []
         expired = 0
         for p in batch.items:
-            if p.item.get("deadline_ms", now_ms + 1) <= now_ms:  # its client has been answered 504
-                replies.append((p, self._error(p, 504, "deadline passed before the request was computed")))
+            if p.deadline <= now:  # its client has been answered 504
+                message = "deadline passed before the request was computed"
+                replies.append((p.delivery, self._failure(p.item.id, ErrorKind.EXPIRED, message)))
                 expired += 1
-                continue
-            try:
+            else:
                 live.append((p, decode_inputs(p.item)))
-            except BadItem as exc:
-                replies.append((p, self._error(p, 400, str(exc))))
-        rows = sum(next(iter(arrays.values())).shape[0] for _, arrays in live)
+        rows = sum(p.item.rows for p, _ in live)
         if live:
             try:
                 replies += self._forward(model, live, rows)
@@ -257,14 +311,15 @@ class Server:
                     try:
                         replies += self._forward(model, [(p, arrays)], rows)
                     except InputError as exc:
-                        replies.append((p, self._error(p, 400, str(exc))))
+                        replies.append((p.delivery, self._failure(p.item.id, ErrorKind.BAD_INPUT, str(exc))))
                     except Exception as exc:
-                        replies.append((p, self._error(p, 500, f"inference failed: {exc}")))
+                        failed = f"inference failed: {exc}"
+                        replies.append((p.delivery, self._failure(p.item.id, ErrorKind.INFERENCE_FAILED, failed)))
         self._send_replies(replies, batch_size=rows, expired=expired)
 
     def _forward(
         self, model: Model, live: list[tuple[Pending, dict[str, np.ndarray]]], batch_rows: int
-    ) -> list[tuple[Pending, Reply]]:
+    ) -> list[tuple[Delivery, Reply]]:
         inputs = {
             spec.name: np.concatenate([arrays[spec.name] for _, arrays in live])
             if len(live) > 1
@@ -272,36 +327,26 @@ class Server:
             for spec in model.metadata.inputs
         }
         outputs = model.forward(inputs)
-        replies = []
+        replies: list[tuple[Delivery, Reply]] = []
         start = 0
-        for p, arrays in live:
-            stop = start + next(iter(arrays.values())).shape[0]
-            replies.append(
-                (
-                    p,
-                    {
-                        "id": p.item["id"],
-                        "node": self.node_id,
-                        "batch_size": batch_rows,
-                        "version": model.version,
-                        "outputs": encode_outputs(model, outputs, start, stop),
-                    },
-                )
-            )
+        for p, _ in live:
+            stop = start + p.item.rows
+            outs = encode_outputs(model, outputs, start, stop)
+            replies.append((p.delivery, Result(p.item.id, self.node_id, batch_rows, model.version, outs)))
             start = stop
         return replies
 
-    def _error(self, p: Pending, status: int, message: str) -> Reply:
-        return {"id": p.item.get("id"), "node": self.node_id, "status": status, "error": message}
+    def _failure(self, item_id: str, kind: ErrorKind, message: str) -> Failure:
+        return Failure(item_id, self.node_id, kind, message)
 
-    def _send_replies(self, replies: list[tuple[Pending, Reply]], batch_size: int, expired: int = 0) -> None:
+    def _send_replies(self, replies: list[tuple[Delivery, Reply]], batch_size: int, expired: int = 0) -> None:
         """One pipeline: a blob per gateway, its expiry, and the batch-size statistic."""
         by_gateway: dict[str, list[Reply]] = defaultdict(list)
-        for p, reply in replies:
-            by_gateway[p.envelope.reply_to].append(reply)
+        for delivery, reply in replies:
+            by_gateway[delivery.reply_to].append(reply)
         pipe = self.redis.pipeline(transaction=False)
         for reply_to, blob in by_gateway.items():
-            pipe.rpush(reply_to, msgpack.packb(blob))
+            pipe.rpush(reply_to, encode_replies(blob))
             pipe.expire(reply_to, self.settings.reply_ttl_s)
         if batch_size:
             pipe.hincrby(STATS_BATCHES_KEY, str(batch_size), 1)
@@ -311,8 +356,8 @@ class Server:
             pipe.execute()
         except RedisError as exc:
             log.error("node %s: could not deliver %d results: %s", self.node_id, len(replies), exc)
-        for p, _ in replies:
-            p.envelope.answered()
+        for delivery, _ in replies:
+            delivery.answered()
 
 
 class InferTask(Task):  # type: ignore[misc]
@@ -329,6 +374,38 @@ class InferTask(Task):  # type: ignore[misc]
 
     def run(self, envelope: dict[str, Any]) -> None:
         raise RuntimeError(f"{TASK_NAME} is served in batches by a ringserve worker, not called directly")
+
+
+class Consumer(celery.worker.consumer.Consumer):  # type: ignore[misc]
+    """Celery's consumer, with two changes.
+
+    It counts the messages whose body it cannot decode among our drops. And it reconnects to
+    the broker every :data:`RECONNECT_S` while it is down: Celery's own loop waits 2 s, then
+    4 s, 6 s… between attempts, so a worker would rejoin the ring seconds after Redis is back.
+    """
+
+    def ensure_connected(self, conn: Any) -> Any:
+        attempts = itertools.count()
+
+        def retrying(exc: Exception, interval: float) -> None:
+            if next(attempts) % 40 == 0:  # once every 10 s
+                log.warning("broker unreachable (%s); trying again every %.2f s", exc, interval)
+
+        conn = conn.ensure_connection(
+            retrying,
+            None,  # forever: a worker outlives any Redis outage (Celery's 100 tries last 25 s here)
+            interval_start=RECONNECT_S,
+            interval_step=0,
+            interval_max=RECONNECT_S,
+            callback=maybe_shutdown,
+        )
+        self.first_connection_attempt = False
+        self.broker_connection_retry_attempt = 0
+        return conn
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        DROPS.drop("task messages whose body does not decode", f"{type(exc).__name__}: {exc}")
+        super().on_decode_error(message, exc)
 
 
 def install_worker(app: Celery, settings: Settings) -> Server:
@@ -348,4 +425,9 @@ def install_worker(app: Celery, settings: Settings) -> Server:
             server.stop()
 
     app.steps["consumer"].add(Serving)
+    # Celery refuses (and logs) messages that name no task we know, that it may not take or
+    # whose body it cannot decode; they count among what this worker dropped.
+    app.conf.worker_consumer = f"{Consumer.__module__}:{Consumer.__qualname__}"
+    signals.task_unknown.connect(lambda **kw: DROPS.drop("messages of unknown tasks", str(kw.get("name"))), weak=False)
+    signals.task_rejected.connect(lambda **kw: DROPS.drop("messages Celery rejected", str(kw.get("exc"))), weak=False)
     return server

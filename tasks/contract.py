@@ -1,35 +1,65 @@
-"""What the gateway and the workers agree on: queue and key names, message fields, datatypes.
+"""The wire contract: everything that crosses Redis between gateways and workers, as types.
 
-Both sides import this module and nothing else of each other's, so a name is spelled once.
-It imports only the standard library.
+Both sides import this module and nothing else of each other's, so a name or a field is
+spelled once. Every ``decode_*`` validates what it reads and raises :class:`ContractError`
+(nothing else) for anything that is not a well-formed message of :data:`CONTRACT_VERSION`:
+bytes read from Redis are untrusted, whoever wrote them.
 
 A Celery message of task :data:`TASK_NAME` carries one *envelope* (its only argument)::
 
-    {"reply_to": "<reply list key>", "items": [item, ...]}
+    envelope = {"v": 2, "reply_to": "<reply list key>", "items": [item, ...]}
+    item     = {"id": str, "model": str, "version": str, "budget_ms": float, "inputs": [tensor, ...]}
+    tensor   = [name, datatype, shape, raw little-endian row-major bytes]
 
-    item  = {"id": str, "model": str, "version": str, "deadline_ms": float,
-             "inputs": [tensor, ...]}
-    tensor = [name, datatype, shape, raw little-endian bytes]
+``budget_ms`` is the time the request has left when it is sent: the receiver turns it into a
+deadline on its own monotonic clock, so no two hosts' clocks are ever compared.
 
-The worker answers each item on the ``reply_to`` list (RPUSH of one msgpack blob per batch)::
+A worker answers on ``reply_to`` with one msgpack blob per batch and gateway::
 
-    reply = {"id": str, "node": str, "batch_size": int, "version": str, "outputs": [tensor, ...]}
-          | {"id": str, "node": str, "status": int, "error": str}
+    blob   = {"v": 2, "replies": [reply, ...]}
+    reply  = {"id": str, "node": str, "batch_size": int, "version": str, "outputs": [tensor, ...]}
+           | {"id": str, "node": str, "error": kind, "message": str}
+
+Membership announcements (``ringserve:member:<node id>``) are JSON, see :class:`Announcements`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import enum
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+
+from hashing.membership import Member
+
+log = logging.getLogger(__name__)
+
+CONTRACT_VERSION = 2
 
 TASK_NAME = "ringserve.infer"
 QUEUE_PREFIX = "ringserve."
 KEY_PREFIX = "ringserve:"
 
 MEMBERS_KEY = KEY_PREFIX + "members"  # set of node ids that ever announced themselves
+GATEWAYS_KEY = KEY_PREFIX + "gateways"  # set of gateway process ids that reported a load
 STATS_ROUTED_KEY = KEY_PREFIX + "stats:routed"  # hash node -> requests routed to it
+STATS_SPILLED_KEY = KEY_PREFIX + "stats:spilled"  # hash node -> requests bounded loads sent past their owner
 STATS_BATCHES_KEY = KEY_PREFIX + "stats:batch_sizes"  # hash rows-per-forward -> count
 STATS_ERRORS_KEY = KEY_PREFIX + "stats:errors"  # hash HTTP status -> count
 STATS_EXPIRED_KEY = KEY_PREFIX + "stats:expired"  # hash node -> requests skipped, deadline passed
+STATS_DROPPED_KEY = KEY_PREFIX + "stats:dropped"  # hash node id or "gateways" -> messages dropped
+
+MAX_NAME_CHARS = 256  # ids, model names, versions, tensor names, reply list keys
+MAX_TENSORS = 64
+MAX_RANK = 8
 
 
 def queue_name(node_id: str) -> str:
@@ -40,6 +70,11 @@ def queue_name(node_id: str) -> str:
 def member_key(node_id: str) -> str:
     """Announcement of a live worker; it expires unless the worker refreshes it."""
     return KEY_PREFIX + "member:" + node_id
+
+
+def gateway_load_key(gateway_id: str) -> str:
+    """Hash node -> rows one gateway process has in flight there (expires unless refreshed)."""
+    return KEY_PREFIX + "load:" + gateway_id
 
 
 def reply_key(gateway_id: str) -> str:
@@ -70,3 +105,356 @@ DATATYPES: dict[str, Datatype] = {
     "FP32": Datatype("f", "f4", 4),
     "FP64": Datatype("d", "f8", 8),
 }
+
+
+class ContractError(ValueError):
+    """Something read from Redis is not a valid message of this contract."""
+
+
+class ErrorKind(enum.Enum):
+    """Why a worker could not answer a request: the HTTP status it maps to, and what it says
+    about the worker's health (``verdict`` for its circuit breaker: False is the worker's own
+    fault, True shows it working, None says nothing).
+    """
+
+    BAD_INPUT = ("bad_input", 400, True)
+    UNKNOWN_MODEL = ("unknown_model", 404, True)
+    EXPIRED = ("expired", 504, None)  # the deadline passed before the worker got to it
+    INFERENCE_FAILED = ("inference_failed", 500, False)
+
+    def __init__(self, wire: str, status: int, verdict: bool | None) -> None:
+        self.wire = wire
+        self.status = status
+        self.verdict = verdict
+
+
+_KINDS = {k.wire: k for k in ErrorKind}
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A tensor as it travels: ``shape[0]`` rows, ``data`` raw little-endian, row-major."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    def wire(self) -> list[Any]:
+        return [self.name, self.datatype, list(self.shape), self.data]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One request: the rows of one model version, and the time it has left."""
+
+    id: str
+    model: str
+    version: str
+    budget_ms: float
+    inputs: tuple[Tensor, ...]
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+    def wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "budget_ms": self.budget_ms,
+            "inputs": [t.wire() for t in self.inputs],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BadItem:
+    """An item that did not decode; ``id`` is set when it could still be read (to answer 400)."""
+
+    id: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    reply_to: str
+    items: tuple[Item | BadItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    id: str
+    node: str
+    batch_size: int
+    version: str
+    outputs: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    id: str
+    node: str
+    kind: ErrorKind
+    message: str
+
+
+Reply = Result | Failure
+
+
+# -- validation helpers ---------------------------------------------------------------------
+
+
+def _name(value: Any, what: str) -> str:
+    if type(value) is not str or not value or len(value) > MAX_NAME_CHARS:
+        raise ContractError(f"{what} must be a string of 1 to {MAX_NAME_CHARS} characters")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise ContractError(f"{what} must be an integer")
+    return value
+
+
+def _map(value: Any, what: str) -> dict[Any, Any]:
+    if type(value) is not dict:
+        raise ContractError(f"{what} must be a map, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, what: str, most: int) -> list[Any]:
+    if type(value) is not list or not value or len(value) > most:
+        raise ContractError(f"{what} must be a list of 1 to {most} entries")
+    return value
+
+
+def _version(body: dict[Any, Any], what: str) -> None:
+    v = body.get("v")
+    if v != CONTRACT_VERSION:
+        raise ContractError(f"{what} of contract version {v!r}; this process speaks {CONTRACT_VERSION}")
+
+
+def _tensor(value: Any) -> Tensor:
+    if type(value) is not list or len(value) != 4:
+        raise ContractError("a tensor must be [name, datatype, shape, data]")
+    name, datatype, shape, data = value
+    _name(name, "tensor name")
+    if datatype not in DATATYPES:
+        raise ContractError(f"tensor {name!r}: unknown datatype {datatype!r}")
+    dims = tuple(_int(d, f"tensor {name!r} shape") for d in _list(shape, f"tensor {name!r} shape", MAX_RANK))
+    if dims[0] < 1 or any(d < 0 for d in dims):
+        raise ContractError(f"tensor {name!r}: shape {list(dims)} has no rows or a negative dimension")
+    if type(data) is not bytes or len(data) != math.prod(dims) * DATATYPES[datatype].itemsize:
+        raise ContractError(f"tensor {name!r}: data is not {list(dims)} {datatype} values")
+    return Tensor(name, datatype, dims, data)
+
+
+def _tensors(value: Any, what: str) -> tuple[Tensor, ...]:
+    tensors = tuple(_tensor(t) for t in _list(value, what, MAX_TENSORS))
+    if len({t.shape[0] for t in tensors}) != 1:
+        raise ContractError(f"{what} differ in their number of rows")
+    return tensors
+
+
+# -- envelopes (gateway -> worker) ----------------------------------------------------------
+
+
+def encode_envelope(reply_to: str, items: list[Item]) -> dict[str, Any]:
+    """The argument of one task message (Celery serialises it with msgpack)."""
+    return {"v": CONTRACT_VERSION, "reply_to": reply_to, "items": [i.wire() for i in items]}
+
+
+def decode_item(value: Any) -> Item:
+    body = _map(value, "an item")
+    budget: Any = body.get("budget_ms")
+    if type(budget) not in (int, float) or not math.isfinite(budget):
+        raise ContractError("budget_ms must be a finite number")
+    return Item(
+        _name(body.get("id"), "id"),
+        _name(body.get("model"), "model"),
+        _name(body.get("version"), "version"),
+        float(budget),
+        _tensors(body.get("inputs"), "inputs"),
+    )
+
+
+def decode_envelope(value: Any) -> Envelope:
+    """An envelope whose header is valid; each of its items decoded on its own.
+
+    A bad header (no reply list, wrong version) raises: nobody could be answered. A bad item
+    becomes a :class:`BadItem`, so its batch-mates are still served.
+    """
+    body = _map(value, "an envelope")
+    _version(body, "an envelope")
+    reply_to = _name(body.get("reply_to"), "reply_to")
+    if not reply_to.startswith(KEY_PREFIX + "reply:"):
+        raise ContractError(f"reply_to {reply_to[:80]!r} is not a reply list")
+    raw_items = body.get("items")
+    if type(raw_items) is not list:
+        raise ContractError("items must be a list")
+    items: list[Item | BadItem] = []
+    for raw in raw_items:
+        try:
+            items.append(decode_item(raw))
+        except ContractError as exc:
+            item_id = raw.get("id") if type(raw) is dict else None
+            ok_id = type(item_id) is str and 0 < len(item_id) <= MAX_NAME_CHARS
+            items.append(BadItem(item_id if ok_id else None, str(exc)))
+    return Envelope(reply_to, tuple(items))
+
+
+# -- replies (worker -> gateway) ------------------------------------------------------------
+
+
+def _reply_wire(reply: Reply) -> dict[str, Any]:
+    if isinstance(reply, Result):
+        return {
+            "id": reply.id,
+            "node": reply.node,
+            "batch_size": reply.batch_size,
+            "version": reply.version,
+            "outputs": [t.wire() for t in reply.outputs],
+        }
+    return {"id": reply.id, "node": reply.node, "error": reply.kind.wire, "message": reply.message}
+
+
+def encode_replies(replies: list[Reply]) -> bytes:
+    return msgpack.packb({"v": CONTRACT_VERSION, "replies": [_reply_wire(r) for r in replies]})
+
+
+def decode_reply(value: Any) -> Reply:
+    body = _map(value, "a reply")
+    reply_id = _name(body.get("id"), "id")
+    node = _name(body.get("node"), "node")
+    if "error" in body:
+        kind = _KINDS.get(body["error"]) if type(body["error"]) is str else None
+        message = body.get("message")
+        if kind is None or type(message) is not str:
+            raise ContractError("an error reply needs a known error kind and a message")
+        return Failure(reply_id, node, kind, message[:1000])
+    batch_size = _int(body.get("batch_size"), "batch_size")
+    if batch_size < 1:
+        raise ContractError("batch_size must be positive")
+    version = _name(body.get("version"), "version")
+    return Result(reply_id, node, batch_size, version, _tensors(body.get("outputs"), "outputs"))
+
+
+def decode_replies(blob: bytes | str) -> tuple[list[Reply], list[str]]:
+    """The valid replies of one blob, and why each of the others was refused.
+
+    A blob that is not a msgpack map of this contract version raises.
+    """
+    try:
+        body = msgpack.unpackb(blob)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ContractError(f"not msgpack: {type(exc).__name__}") from None
+    body = _map(body, "a reply blob")
+    _version(body, "a reply blob")
+    raw_replies = body.get("replies")
+    if type(raw_replies) is not list:
+        raise ContractError("replies must be a list")
+    replies: list[Reply] = []
+    refused: list[str] = []
+    for raw in raw_replies:
+        try:
+            replies.append(decode_reply(raw))
+        except ContractError as exc:
+            refused.append(str(exc))
+    return replies, refused
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def decode_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
+    """A hash of counters (``HGETALL``); fields whose value is not an integer are skipped."""
+    return {k.decode(errors="replace"): int(v) for k, v in raw.items() if v.lstrip(b"-").isdigit()}
+
+
+# -- membership announcements ---------------------------------------------------------------
+
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class Announcements:
+    """How membership is spelled in Redis: the keys, and the announcement as versioned JSON.
+
+    ``{"v": 2, "weight": 1.0, "incarnation": "<hex>"}``. Node ids match
+    :data:`NODE_ID_PATTERN` (1-64 characters: letters, digits, ``_``, ``.``, ``-``); the
+    weight's bounds are :class:`hashing.membership.Member`'s.
+    """
+
+    members_key = MEMBERS_KEY
+
+    @staticmethod
+    def member_key(node_id: str) -> str:
+        return member_key(node_id)
+
+    @staticmethod
+    def valid_node_id(node_id: str) -> bool:
+        return NODE_ID_PATTERN.fullmatch(node_id) is not None
+
+    @staticmethod
+    def encode(member: Member) -> bytes:
+        return json.dumps({"v": CONTRACT_VERSION, "weight": member.weight, "incarnation": member.incarnation}).encode()
+
+    @staticmethod
+    def decode(raw: bytes) -> Member:
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ContractError(f"not JSON: {exc}") from None
+        body = _map(body, "an announcement")
+        _version(body, "an announcement")
+        weight: Any = body.get("weight")
+        if type(weight) not in (int, float):
+            raise ContractError("weight must be a number")
+        try:
+            return Member(float(weight), _name(body.get("incarnation"), "incarnation"))
+        except ValueError as exc:
+            raise ContractError(str(exc)) from None
+
+
+ANNOUNCEMENTS = Announcements()
+
+
+# -- what does not decode -------------------------------------------------------------------
+
+
+class Drops:
+    """Counts messages dropped because they did not decode, and logs them without flooding.
+
+    Each reason is logged at most once per ``log_every_s``, with how many were dropped since;
+    :meth:`take` hands the counts over (to be added to :data:`STATS_DROPPED_KEY`).
+    """
+
+    def __init__(self, where: str, log_every_s: float = 1.0) -> None:
+        self._where = where
+        self._log_every_s = log_every_s
+        self._lock = threading.Lock()
+        self._untaken = 0
+        self._total = 0
+        self._since_logged: Counter[str] = Counter()
+        self._logged_at: dict[str, float] = {}
+
+    @property
+    def total(self) -> int:
+        return self._total
+
+    def drop(self, what: str, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._untaken += 1
+            self._total += 1
+            self._since_logged[what] += 1
+            if now - self._logged_at.get(what, -math.inf) < self._log_every_s:
+                return
+            self._logged_at[what] = now
+            count = self._since_logged.pop(what)
+        log.warning("%s: dropped %d %s (%s)", self._where, count, what, reason[:300])
+
+    def take(self) -> int:
+        with self._lock:
+            taken, self._untaken = self._untaken, 0
+            return taken

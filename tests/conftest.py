@@ -21,8 +21,9 @@ import pytest
 from redis import Redis
 
 from hashing.membership import Membership
-from tasks.contract import queue_name
+from tasks.contract import ANNOUNCEMENTS
 from tasks.settings import Settings
+from tasks.worker import celery_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +86,10 @@ class RedisServer:
         wait_until(up, 10, "redis-server to answer")
         client.close()
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGKILL: a crash). It keeps nothing on disk: a restart starts empty."""
         if self.proc is not None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             self.proc.wait(10)
             self.proc = None
 
@@ -127,24 +129,7 @@ class Worker:
         env = {**os.environ, **settings_env(self.settings), "OPENBLAS_NUM_THREADS": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "tasks",
-                    "worker",
-                    "-n",
-                    f"{self.node_id}@%h",
-                    "-Q",
-                    queue_name(self.node_id),
-                    "--pool",
-                    "solo",
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--loglevel",
-                    "INFO",
-                ],
+                [sys.executable, "-m", *celery_argv(self.node_id, ["--loglevel", "INFO"])],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -188,7 +173,7 @@ class Cluster:
         self.log_dir = log_dir
         self.workers: dict[str, Worker] = {}
         self.redis = Redis.from_url(settings.redis_url)
-        self.membership = Membership(self.redis, settings.member_ttl_ms)
+        self.membership = Membership(self.redis, settings.member_ttl_ms, ANNOUNCEMENTS)
 
     def start(self, *node_ids: str) -> None:
         """Start workers and wait until each announced itself (a new run, if one was there)."""

@@ -1,14 +1,20 @@
-"""``hotkey``: Zipf-skewed keys (s=1.2), with bounded loads (RINGSERVE_LOAD_FACTOR=1.25) and without (0).
+"""``hotkey``: Zipf-skewed keys (s=1.2) at 50 and at 200 users, each with bounded loads
+(RINGSERVE_LOAD_FACTOR=1.25) and without (0), back to back.
 
-Reports requests per worker (max/mean) and the in-flight balance: GET /stats every 100 ms during
-the run gives one gateway process's in-flight requests per worker; per sample the busiest worker
-over the mean of all workers (absent ones count 0; samples with nothing in flight skipped), and
-the median over samples. Target (issue #4): with bounded loads the busiest ≤ 1.25 × the mean.
+Per run: throughput, p99, failed requests, the requests bounded loads sent past their owner
+(``spilled_per_node`` of /stats, its change over the run) and the in-flight balance: GET /stats every
+100 ms gives the rows in flight per worker summed over every gateway process (each publishes its own
+every 100 ms under load, so a sample is up to ~0.1 s old and the processes' parts are not taken at one
+instant); per sample the busiest worker over max(one batch of the model, 1.25 × the mean over workers),
+its maximum over samples, and the median of busiest / mean. Targets (issue #8): with bounded loads the
+busiest never above that bound (max ≤ 1); spills > 0 at 200 users; throughput and p99 with bounded
+loads at least as good as without.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from bench import trial
@@ -17,50 +23,92 @@ from bench.results import scenario_document
 from bench.scenarios import live
 from bench.scenarios.spec import Context, Scenario, add_served_arguments
 from bench.system import RingServe
-from tasks.settings import LOAD_FACTOR
+from tasks.metadata import load_repository
+from tasks.settings import LOAD_FACTOR, MODEL_REPOSITORY, Settings
 
-TARGET_MAX_OVER_MEAN = 1.25
+LEVELS = (50, 200)
+TARGETS = {"in_flight_max_over_bound": 1.0, "spilled_at_200_users": "> 0", "bounded_vs_unbounded": ">= 1"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_served_arguments(parser, requests=None, duration=10.0, concurrent=50, zipf=1.2)
+    add_served_arguments(parser, requests=None, duration=10.0, concurrent=None, zipf=1.2)
+    parser.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        default=list(LEVELS),
+        help="concurrent users of each pair of runs (bounded, then unbounded); --concurrent C means just C",
+    )
     parser.add_argument("--load-factor", type=float, default=LOAD_FACTOR, help="RINGSERVE_LOAD_FACTOR when bounded")
 
 
+def batch_rows(model: str, settings: Settings) -> int:
+    """One batch of ``model``: its own max_batch_size, else the server-wide one (as the gateway's floor)."""
+    meta = load_repository(Path(MODEL_REPOSITORY))[model]
+    return meta.max_batch_size or settings.max_batch_size
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
-    load = load_from_args(args)
+    levels: list[int] = [args.concurrent] if args.concurrent else args.levels
     modes = {"bounded": str(args.load_factor), "unbounded": "0"}
-    runs, points = [], {}
-    for mode, factor in modes.items():
-        label = f"{mode} (load factor {factor})"
-        with RingServe(ctx.run_dir(mode), args.workers, {"LOAD_FACTOR": factor}) as system:
-            timeline = live.Timeline(system.url)
-            doc = trial.measure(system, ctx.name, label, load, ctx.machine, args.warmup, during=timeline)
-        nodes = sorted({n for s in timeline.samples for n in s.get("members", [])})
-        counts = doc["summary"]["nodes"]
-        total = sum(counts.values())
-        runs.append(doc)
-        points[mode] = {
-            "label": label,
-            "load_factor": float(factor),
-            "nodes": nodes,
-            "requests_per_node": counts,
-            "share_per_node": {n: counts.get(n, 0) / total if total else 0.0 for n in nodes},
-            "requests_max_over_mean": doc["summary"]["balance"]["max_over_mean"],
-            "in_flight": live.in_flight_balance(timeline.samples, nodes),
-            "throughput_rps": doc["summary"]["throughput_rps"],
-            "p99_ms": doc["summary"]["latency_ms"]["p99"],
-            "failed": doc["summary"]["failed"],
+    runs, points, batch = [], [], 0
+    for users in levels:
+        args.concurrent = users
+        load = load_from_args(args)
+        point: dict[str, Any] = {"concurrent": users, "modes": {}}
+        for mode, factor in modes.items():
+            label = f"{mode} (load factor {factor}), {users} users"
+            with RingServe(ctx.run_dir(f"{mode}-{users}"), args.workers, {"LOAD_FACTOR": factor}) as system:
+                batch = batch_rows(args.model, Settings.from_env(system.env))
+                timeline = live.Timeline(system.url)
+                doc = trial.measure(system, ctx.name, label, load, ctx.machine, args.warmup, during=timeline)
+            nodes = sorted({n for s in timeline.samples for n in s.get("members", [])})
+            summary = doc["summary"]
+            counts = summary["nodes"]
+            total = sum(counts.values())
+            spilled = doc["server"]["stats"].get("spilled_per_node", {})
+            runs.append(doc)
+            point["modes"][mode] = {
+                "label": label,
+                "load_factor": float(factor),
+                "nodes": nodes,
+                "requests_per_node": counts,
+                "share_per_node": {n: counts.get(n, 0) / total if total else 0.0 for n in nodes},
+                "requests_max_over_mean": summary["balance"]["max_over_mean"],
+                "spilled": sum(spilled.values()),
+                "spilled_per_node": spilled,
+                "routed": sum(doc["server"]["stats"].get("requests_per_node", {}).values()),
+                "in_flight": live.in_flight_balance(timeline.samples, nodes, batch, args.load_factor),
+                "throughput_rps": summary["throughput_rps"],
+                "p99_ms": summary["latency_ms"]["p99"],
+                "failed": summary["failed"],
+            }
+        on, off = point["modes"]["bounded"], point["modes"]["unbounded"]
+        point["bounded_over_unbounded"] = {
+            "throughput": ratio(on["throughput_rps"], off["throughput_rps"]),
+            "p99": ratio(on["p99_ms"], off["p99_ms"]),  # < 1: bounded is better
         }
-    finding = {"zipf": args.zipf, "modes": points, "target_in_flight_max_over_mean": TARGET_MAX_OVER_MEAN}
-    config = {**runs[0]["config"], "load_factors": modes, "command": ctx.command}
+        points.append(point)
+    finding = {
+        "zipf": args.zipf,
+        "batch_rows": batch,
+        "bound_load_factor": args.load_factor,
+        "levels": points,
+        "targets": TARGETS,
+    }
+    config = {**runs[0]["config"], "load_factors": modes, "levels": levels, "command": ctx.command}
     config.pop("settings", None)
+    config.pop("concurrent", None)
     return scenario_document(ctx.name, config, ctx.machine, runs, {"hotkey": finding})
 
 
 SCENARIO = Scenario(
     "hotkey",
-    "Zipf s=1.2 keys, with and without bounded loads",
+    "Zipf s=1.2 keys at 50 and 200 users, with and without bounded loads",
     add_arguments,
     run,
     {"requests": None, "duration": 1.5, "concurrent": 4, "workers": 2, "warmup": 10},

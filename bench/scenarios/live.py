@@ -1,4 +1,4 @@
-"""What the live scenarios (failover, hotkey, join) share: a script run during the load, /stats sampled
+"""What the live scenarios (failover, hotkey, join, leave) share: a script run during the load, /stats sampled
 every 100 ms, and per-second series of the records.
 
 Times are seconds on the monotonic clock from the moment the load started (``Timeline.start``,
@@ -14,6 +14,7 @@ import statistics
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,10 +22,11 @@ from typing import Any
 from redis import Redis
 
 from bench.record import Record
-from bench.results import scenario_document
+from bench.results import records_of, scenario_document
 from bench.scenarios.spec import Context
 from bench.stats import percentile, status_key
 from hashing.membership import Membership
+from tasks.contract import ANNOUNCEMENTS
 
 SAMPLE_INTERVAL_S = 0.1
 STATS_TIMEOUT_S = 1.0
@@ -33,7 +35,9 @@ SCRIPT_GRACE_S = 90.0  # how long the script may go on after the load (e.g. wait
 
 class Timeline:
     """A :class:`bench.loadgen.Meter` that samples ``GET /stats`` (and, given a Redis URL, the members
-    announced there) every ``interval_s`` and runs ``script(timeline)`` in a thread, both from the load's start.
+    announced there; with ``ready``, the HTTP status of ``GET /v2/health/ready``, which is 503 while the
+    answering gateway process cannot read Redis) every ``interval_s`` and runs ``script(timeline)`` in a
+    thread, both from the load's start.
 
     ``script`` waits with :meth:`sleep_until` and notes what it did with :meth:`event`.
     """
@@ -44,13 +48,16 @@ class Timeline:
         script: Callable[[Timeline], None] | None = None,
         redis_url: str | None = None,
         interval_s: float = SAMPLE_INTERVAL_S,
+        ready: bool = False,
     ) -> None:
         self.url = url
+        self.ready = ready
         self.script = script
         self.redis = Redis.from_url(redis_url) if redis_url else None
         self.interval_s = interval_s
         self.t0 = 0.0
-        self.samples: list[dict[str, Any]] = []  # {"t", "members", "in_flight"} (+ "announced")
+        # {"t", "members", "rows_in_flight"} or {"t", "error"}; + "announced", "ready" when asked for
+        self.samples: list[dict[str, Any]] = []
         self.events: dict[str, float] = {}
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -113,12 +120,14 @@ class Timeline:
                 with urllib.request.urlopen(f"{self.url}/stats", timeout=STATS_TIMEOUT_S) as response:
                     stats = json.loads(response.read())
                 sample["members"] = sorted(stats.get("members", {}))
-                sample["in_flight"] = stats.get("in_flight_per_node_this_process", {})
+                sample["rows_in_flight"] = stats.get("rows_in_flight_per_node", {})  # summed over every gateway
             except (OSError, ValueError) as exc:
                 sample["error"] = type(exc).__name__
+            if self.ready:
+                sample["ready"] = http_status(f"{self.url}/v2/health/ready")
             if self.redis is not None:
                 try:
-                    sample["announced"] = sorted(Membership(self.redis, 0).alive())
+                    sample["announced"] = sorted(Membership(self.redis, 0, ANNOUNCEMENTS).alive())
                 except Exception as exc:  # noqa: BLE001 - a sample that failed is recorded, not fatal
                     sample["announced_error"] = type(exc).__name__
             self.samples.append(sample)
@@ -140,8 +149,25 @@ class Timeline:
                 found = None
         return found
 
+    def aligned(self, run: dict[str, Any]) -> list[Record]:
+        """The records of ``run`` (measured with this timeline) on its clock, exactly: records count from the
+        first request's start, the timeline from its own start, a few milliseconds apart."""
+        offset = self.t0 - float(run["client"]["origin_monotonic_s"])
+        return [r.shifted(offset) for r in records_of(run)]
+
     def first(self, field: str, holds: Callable[[list[str]], bool], after: float = 0.0) -> float | None:
         return next((s["t"] for s in self.samples if s["t"] >= after and field in s and holds(s[field])), None)
+
+
+def http_status(url: str) -> int | str:
+    """The HTTP status of ``GET url``, or the name of the error when there was no answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=STATS_TIMEOUT_S) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError as exc:
+        return type(exc).__name__
 
 
 def overlapping(records: Sequence[Record], start: float, end: float) -> list[Record]:
@@ -180,6 +206,15 @@ def per_second(records: Sequence[Record], bin_s: float = 1.0) -> dict[str, Any]:
     }
 
 
+def requests_per_node(records: Sequence[Record]) -> dict[str, int]:
+    """Successful requests per node that answered, by node name."""
+    out: dict[str, int] = {}
+    for r in records:
+        if r.ok and r.node:
+            out[r.node] = out.get(r.node, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def failed_by_status(records: Sequence[Record]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in records:
@@ -188,19 +223,35 @@ def failed_by_status(records: Sequence[Record]) -> dict[str, int]:
     return out
 
 
-def in_flight_balance(samples: Sequence[dict[str, Any]], nodes: Sequence[str]) -> dict[str, Any]:
-    """Median over samples of the busiest node's in-flight over the mean over ``nodes`` (missing ones
-    count as 0); samples with nothing in flight are skipped."""
-    ratios = []
+def in_flight_balance(
+    samples: Sequence[dict[str, Any]], nodes: Sequence[str], batch_rows: int, load_factor: float
+) -> dict[str, Any]:
+    """The busiest worker's rows in flight (summed over every gateway process) in each sample that has any.
+
+    Per sample: busiest / max(``batch_rows``, ``load_factor`` × mean over ``nodes``), the bound bounded
+    loads aim at (missing nodes count 0); its maximum over samples (> 1: the bound was exceeded at least
+    once), how many samples exceeded it, and the median and p90 of busiest / mean.
+    """
+    over_bound, over_mean, busiest = [], [], []
     for s in samples:
-        counts = [int(s.get("in_flight", {}).get(n, 0)) for n in nodes]
+        counts = [int(s.get("rows_in_flight", {}).get(n, 0)) for n in nodes]
         total = sum(counts)
-        if "in_flight" in s and total > 0:
-            ratios.append(max(counts) / (total / len(nodes)))
+        if "rows_in_flight" not in s or total <= 0:
+            continue
+        mean = total / len(nodes)
+        busiest.append(max(counts))
+        over_mean.append(max(counts) / mean)
+        over_bound.append(max(counts) / max(batch_rows, load_factor * mean))
     return {
-        "samples": len(ratios),
-        "median_max_over_mean": statistics.median(ratios) if ratios else None,
-        "p90_max_over_mean": percentile(sorted(ratios), 90) if ratios else None,
+        "samples": len(over_bound),
+        "samples_without_load": sum("rows_in_flight" in s for s in samples) - len(over_bound),
+        "batch_rows": batch_rows,
+        "load_factor": load_factor,
+        "max_over_bound": max(over_bound, default=None),
+        "samples_over_bound": sum(r > 1 for r in over_bound),
+        "max_busiest_rows": max(busiest, default=None),
+        "median_max_over_mean": statistics.median(over_mean) if over_mean else None,
+        "p90_max_over_mean": percentile(sorted(over_mean), 90) if over_mean else None,
     }
 
 

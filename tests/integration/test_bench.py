@@ -46,6 +46,8 @@ ARTIFACTS = {
     "failover": (*LOAD_ARTIFACTS, "failover_timeline.png"),
     "hotkey": (*LOAD_ARTIFACTS, "hotkey_balance.png"),
     "join": (*LOAD_ARTIFACTS, "join_timeline.png"),
+    "leave": (*LOAD_ARTIFACTS, "leave_timeline.png"),
+    "redis-restart": (*LOAD_ARTIFACTS, "redis_restart_timeline.png"),
 }
 RUNS = {
     "light": 1,
@@ -59,11 +61,13 @@ RUNS = {
     "failover": 1,
     "hotkey": 2,
     "join": 1,
+    "leave": 1,
+    "redis-restart": 1,
 }
 # Settings for the tiny systems of a scenario: a crashed worker leaves the ring after 1 s, not 5.
 ENVIRONMENT = {"failover": {"RINGSERVE_MEMBER_TTL_MS": "1000"}}
-# Scenarios whose failed requests are a measured outcome (a killed worker), reported rather than asserted.
-MAY_FAIL = {"failover"}
+# Scenarios whose failed requests are a measured outcome (a killed worker, Redis), reported rather than asserted.
+MAY_FAIL = {"failover", "redis-restart"}
 
 
 def bench(*args: str, timeout_s: float = 110, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,8 +88,41 @@ def check_run(run: dict[str, Any], may_fail: bool = False) -> None:
     assert tuple(summary["balance"]) == BALANCE_KEYS
     assert summary["requests"] == len(run["records"]) > 0
     assert may_fail or summary["failed"] == 0, summary["failed_by_status"]
-    assert {"start_s", "end_s", "status"} <= set(run["records"][0])
+    assert {"start_s", "end_s", "status", "key"} <= set(run["records"][0])
     assert {"machine", "config", "client"} <= set(run)
+
+
+def check_observed_moves(seen: dict[str, Any]) -> None:
+    """The keys a join or leave moved, from the answers: consistent counts, no figure asserted."""
+    assert seen["keys_in_both"] > 0  # keys were answered in both phases: there is something to compare
+    assert 0 <= seen["moved"] <= seen["keys_in_both"] and sum(seen["routes"].values()) == seen["moved"]
+    assert 0 <= seen["moved_stable"] <= seen["stable_in_both"] <= seen["keys_in_both"]
+    for phase in ("before", "after"):
+        a = seen["affinity"][phase]
+        assert 0 <= a["unstable"] <= a["repeated"] <= a["keys"] <= a["requests"] and a["keys"] > 0
+
+
+def check_redis_restart(f: dict[str, Any], run: dict[str, Any]) -> None:
+    """Redis killed and restarted: the counts agree with each other and with the records; no figure asserted."""
+    ev = f["events_s"]
+    assert ev["kill"] < ev["restart"] <= ev["redis_up"]
+    assert f["requests"] == run["summary"]["requests"] and f["failed"] == run["summary"]["failed"]
+    at = f["in_flight_at_kill"]
+    assert at["requests"] > 0 and sum(at["outcomes"].values()) == at["requests"]
+    assert at["timeout_outlasts_outage_ok"] <= at["timeout_outlasts_outage"] <= at["requests"]
+    down = f["arrived_while_down"]
+    assert sum(down["outcomes"].values()) == down["requests"]
+    failures = f["failures"]
+    assert {s: x["count"] for s, x in failures.items()} == run["summary"]["failed_by_status"]
+    assert all(x["before_kill"] + x["while_down"] + x["after_up"] == x["count"] for x in failures.values())
+    assert f["recovery"]["pre_kill_rps"] > 0
+    series = f["series"]
+    assert len(series["t"]) == len(series["throughput_rps"]) > 0
+    assert all(len(v) == len(series["t"]) for v in series["errors_by_status_per_s"].values())
+
+
+def seen_sum(seen: dict[str, Any], *names: str) -> int:
+    return sum(int(seen[n]) for n in names)
 
 
 def no_process_left(out: Path) -> bool:
@@ -130,15 +167,32 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         assert f["failed"] == runs[0]["summary"]["failed"]
         assert len(f["series"]["t"]) == len(f["series"]["throughput_rps"]) > 0
     if name == "hotkey":
-        modes = findings["hotkey"]["modes"]
+        levels = findings["hotkey"]["levels"]
+        assert [p["concurrent"] for p in levels] == [4]  # --tiny: --concurrent 4, the only level
+        modes = levels[0]["modes"]
         assert [m["load_factor"] for m in modes.values()] == [1.25, 0.0]
-        assert all(m["in_flight"]["samples"] > 0 for m in modes.values())
+        for m, run in zip(modes.values(), runs, strict=True):
+            assert m["in_flight"]["samples"] > 0 and m["in_flight"]["max_busiest_rows"] > 0
+            assert m["spilled"] == sum(m["spilled_per_node"].values()) <= m["routed"]
+            assert m["failed"] == run["summary"]["failed"]
+        assert modes["unbounded"]["spilled"] == 0
+    if name == "redis-restart":
+        check_redis_restart(findings["redis-restart"], runs[0])
     if name == "join":
         j = findings["join"]
         assert j["added"] == "worker_3" and j["initial_nodes"] == ["worker_1", "worker_2"]
         assert j["events_s"]["announced"] is not None and j["events_s"]["shown"] is not None
-        assert 0 < j["keys_moved"] < 1
         assert "worker_3" in j["requests_per_node_after"]
+        check_observed_moves(j["observed"])
+        assert seen_sum(j["observed"], "moved_to_new", "moved_between_old") == j["observed"]["moved"]
+        assert 0 < j["computed"]["moved_share"] < 1
+    if name == "leave":
+        lv = findings["leave"]
+        assert lv["leaver"] == "worker_2" and lv["initial_nodes"] == ["worker_1", "worker_2", "worker_3"]
+        assert lv["events_s"]["unannounced"] is not None and lv["events_s"]["gone"] is not None
+        assert "worker_2" not in lv["requests_per_node_after"]
+        check_observed_moves(lv["observed"])
+        assert seen_sum(lv["observed"], "leaver_keys_moved", "moved_others") == lv["observed"]["moved"]
     if name == "compare":
         assert runs[0]["label"] == "ringserve"
         assert {r["label"] for r in runs[1:]} | set(findings["skipped"]) == {"naive"}

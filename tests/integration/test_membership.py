@@ -13,6 +13,7 @@ from redis import Redis
 
 from hashing.membership import Member, Membership
 from hashing.ring import Ring
+from tasks.contract import ANNOUNCEMENTS
 from tasks.settings import Settings
 from tests.conftest import Cluster, RedisServer, wait_until
 
@@ -36,7 +37,7 @@ def gateway_members(client: FlaskClient) -> set[str]:
 
 def test_announcements_expire_without_refresh(redis_server: RedisServer) -> None:
     redis = Redis.from_url(redis_server.url(63))
-    membership = Membership(redis, ttl_ms=300)
+    membership = Membership(redis, ttl_ms=300, schema=ANNOUNCEMENTS)
     w1, w2 = Member(2.0, "run-1"), Member(1.0, "run-1")
     membership.announce("w1", w1)
     membership.announce("w2", w2)
@@ -108,3 +109,42 @@ def test_requests_held_by_a_crashed_worker_are_sent_again(
     for t in threads:
         t.join(30)
     assert results == [200] * 8  # all answered, by w1, after w2's announcement expired
+
+
+POISON = {
+    "weight_zero": b'{"v": 2, "weight": 0, "incarnation": "a"}',
+    "weight_negative": b'{"v": 2, "weight": -1, "incarnation": "a"}',
+    "weight_nan": b'{"v": 2, "weight": NaN, "incarnation": "a"}',
+    "weight_huge": b'{"v": 2, "weight": 1000000, "incarnation": "a"}',
+    "weight_text": b'{"v": 2, "weight": "1", "incarnation": "a"}',
+    "malformed": b"{not json",
+    "not_a_map": b"[1, 2]",
+    "old_version": b'{"weight": 1, "incarnation": "a"}',
+    "no_incarnation": b'{"v": 2, "weight": 1}',
+}
+BAD_IDS = ["../evil", "x" * 500, "has space", ""]
+
+
+def test_poisoned_announcements_are_ignored_by_every_gateway(
+    cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
+) -> None:
+    cluster = cluster_factory()
+    cluster.start("w1", "w2")
+    before = app_factory(cluster.settings).test_client()
+    wait_until(lambda: gateway_members(before) == {"w1", "w2"}, 5, "the gateway to see both workers")
+    for node_id, announcement in POISON.items():
+        cluster.redis.sadd(ANNOUNCEMENTS.members_key, node_id)
+        cluster.redis.set(ANNOUNCEMENTS.member_key(node_id), announcement, px=60_000)
+    for node_id in BAD_IDS:
+        cluster.redis.sadd(ANNOUNCEMENTS.members_key, node_id)
+        cluster.redis.set(ANNOUNCEMENTS.member_key(node_id), POISON["weight_huge"].replace(b"1000000", b"1"))
+    assert set(Membership(cluster.redis, 1000, ANNOUNCEMENTS).alive()) == {"w1", "w2"}
+
+    after = app_factory(cluster.settings).test_client()  # a gateway started after the poison
+    cluster.start("w3")  # and the first gateway still follows membership
+    for client in (before, after):
+        wait_until(lambda c=client: gateway_members(c) == {"w1", "w2", "w3"}, 5, "the gateway to see w3 join")
+        assert client.get("/v2/health/ready").status_code == 200
+        assert all(client.get("/stats").json["threads_this_process"].values())
+        nodes = {client.post("/infer", json={"key": f"k{i}", "input": ROW}).json["node"] for i in range(30)}
+        assert nodes == {"w1", "w2", "w3"}

@@ -1,7 +1,13 @@
-"""Redis stops and comes back under load: fast 503s meanwhile, full service soon after, nobody left hanging."""
+"""Redis is killed under load and restarted empty: nothing accepted is lost, nothing hangs.
+
+Requests in flight at the kill are held, sent again once the gateway sees a new Redis
+(``run_id``), and answered 200 if their deadline allows; arrivals while Redis is down get a fast
+503; full service returns within 3 s of Redis being back.
+"""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -13,13 +19,15 @@ from tasks.settings import Settings
 from tests.conftest import Cluster, RedisServer, make_settings, wait_until
 
 ROW = [1.0] * 64
-OUTAGE_S = 5.0  # as long as the issue asks for
+OUTAGE_S = 3.0
+TIMEOUT_MS = 6000  # outlasts the outage: what was in flight at the kill must get 200
+DETECT_S = 0.5  # the gateway notices within one membership poll (100 ms here) plus a Redis timeout
 
 
-def test_redis_restart_under_load(tmp_path: Path, app_factory: Callable[[Settings], Flask]) -> None:
+def test_redis_killed_and_restarted_under_load(tmp_path: Path, app_factory: Callable[[Settings], Flask]) -> None:
     redis = RedisServer(tmp_path)
     redis.start()
-    cluster = Cluster(make_settings(redis, request_timeout_ms=4000), tmp_path)
+    cluster = Cluster(make_settings(redis, request_timeout_ms=TIMEOUT_MS), tmp_path)
     try:
         cluster.start("w1", "w2")
         app = app_factory(cluster.settings)
@@ -39,13 +47,18 @@ def test_redis_restart_under_load(tmp_path: Path, app_factory: Callable[[Setting
                 i += 1
                 time.sleep(0.01)
 
-        threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+        threads = [threading.Thread(target=load, args=(n,)) for n in range(8)]
         for t in threads:
             t.start()
         time.sleep(1.0)
         down_at = time.monotonic()
-        redis.stop()
-        time.sleep(OUTAGE_S)
+        redis.stop(signal.SIGKILL)
+        time.sleep(DETECT_S)
+        for i in range(20):  # arrivals while Redis is down
+            sent = time.monotonic()
+            status = client.post("/infer", json={"key": f"down-{i}", "input": ROW}).status_code
+            outcomes.append((sent, time.monotonic() - sent, status))
+        time.sleep(max(0.0, down_at + OUTAGE_S - time.monotonic()))
         redis.start()
         up_at = time.monotonic()
 
@@ -54,27 +67,31 @@ def test_redis_restart_under_load(tmp_path: Path, app_factory: Callable[[Setting
                 client.post("/infer", json={"key": f"after-{i}", "input": ROW}).status_code == 200 for i in range(20)
             )
 
-        wait_until(serving, 5, "full service after Redis returned")
+        wait_until(serving, 10, "full service after Redis returned")
         recovered_s = time.monotonic() - up_at
         time.sleep(0.5)
         stop.set()
         for t in threads:
-            t.join(10)
+            t.join(TIMEOUT_MS / 1000 + 5)
 
         assert not any(t.is_alive() for t in threads)
         statuses = {s for _, _, s in outcomes}
-        assert statuses <= {200, 503, 504}, statuses
-        during = [(took, s) for sent, took, s in outcomes if down_at + 0.5 < sent < up_at]
-        assert during and all(s == 503 for _, s in during)
-        assert max(took for took, _ in during) < 1.0  # fast, not a hang
-        assert max(took for _, took, _ in outcomes) < cluster.settings.request_timeout_ms / 1000 + 1
-        assert any(s == 200 for sent, _, s in outcomes if sent > up_at)
-        assert recovered_s < 5
-        slowest_ms = max(t for t, _ in during) * 1000
+        in_flight = [s for sent, took, s in outcomes if sent < down_at < sent + took]
+        before_kill = {s for sent, _, s in outcomes if sent < down_at}
+        refused = [(sent, took) for sent, took, s in outcomes if s == 503]
+        slowest_s = max(took for _, took, _ in outcomes)
         print(
-            f"outage {OUTAGE_S} s: {len(during)} requests answered 503 in at most {slowest_ms:.0f} ms;"
-            f" full service {recovered_s:.2f} s after Redis returned; {len(outcomes)} answers, none lost"
+            f"Redis SIGKILLed for {OUTAGE_S} s under load: {len(in_flight)} requests in flight at the kill, "
+            f"answered {sorted(set(in_flight))}; {len(refused)} arrivals answered 503 in at most "
+            f"{max((t for _, t in refused), default=0) * 1000:.0f} ms; full service {recovered_s:.2f} s after "
+            f"Redis returned; slowest answer {slowest_s:.2f} s; statuses {sorted(statuses)}; {len(outcomes)} answers"
         )
+        assert in_flight and before_kill == {200}  # held and sent again: none lost, none refused
+        assert all(down_at <= sent <= up_at + DETECT_S for sent, _ in refused)  # 503 only while down
+        assert refused and max(took for _, took in refused) < 0.5  # fast, not a hang
+        assert slowest_s < TIMEOUT_MS / 1000 + 0.5  # nobody waits past the deadline
+        assert statuses <= {200, 503}
+        assert recovered_s < 3.0
     finally:
         cluster.close()
         redis.stop()

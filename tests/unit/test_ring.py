@@ -250,6 +250,88 @@ def test_ring_independent_of_insertion_order(nodes: list[str], key: bytes | str,
     assert first.preference_list(key, len(nodes)) == second.preference_list(key, len(nodes))
 
 
+def snapshot(ring: Ring) -> tuple[dict[str, float], list[list[str]]]:
+    """What a ring answers: its membership and the full preference lists of 300 fixed keys."""
+    return ring.nodes, [ring.preference_list(f"key-{i}", len(ring)) for i in range(300)]
+
+
+def test_from_nodes_equals_adding_one_by_one() -> None:
+    weights = {"worker_1": 1.0, "worker_2": 2.5, "worker_3": 0.001, "worker_4": 1.0}
+    built = Ring.from_nodes(weights)
+    added = Ring()
+    for node_id, weight in weights.items():
+        added.add(node_id, weight)
+    assert snapshot(built) == snapshot(added)
+    assert built.vnodes == 150
+    assert [built.lookup(key) for key in KEYS[:5000]] == [added.lookup(key) for key in KEYS[:5000]]
+
+
+def test_from_nodes_orders_collisions_by_node_id() -> None:
+    def constant_hash(data: bytes | str) -> int:
+        return 42
+
+    ring = Ring.from_nodes({"c": 1.0, "a": 1.0, "b": 1.0}, vnodes=3, hash_fn=constant_hash)
+    assert ring.lookup("anything") == "a"
+    assert ring.preference_list("anything", 3) == ["a", "b", "c"]
+
+
+def test_from_nodes_empty_and_bad_weights() -> None:
+    with pytest.raises(EmptyRingError):
+        Ring.from_nodes({}).lookup("k")
+    for weight in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            Ring.from_nodes({"a": 1.0, "b": weight})
+    with pytest.raises(ValueError):
+        Ring.from_nodes({"a": 1.0}, vnodes=0)
+
+
+def test_add_hashes_each_point_once() -> None:
+    calls: Counter[bytes | str] = Counter()
+
+    def counting_hash(data: bytes | str) -> int:
+        calls[data] += 1
+        return hash64(data)
+
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0}, vnodes=10, hash_fn=counting_hash)
+    ring.add("c")
+    ring.add("c", 2.0)  # re-add: old points dropped, new points merged
+    assert max(calls.values()) <= 2  # a join hashes the newcomer's points only
+    assert ring.nodes == {"a": 1.0, "b": 1.0, "c": 2.0}
+    assert snapshot(ring) == snapshot(Ring.from_nodes({"a": 1.0, "b": 1.0, "c": 2.0}, vnodes=10))
+
+
+weights = st.sampled_from([0.001, 0.1, 0.5, 1.0, 1.5, 2.0, 3.3])
+memberships = st.dictionaries(node_ids, weights, min_size=0, max_size=8)
+
+
+def crowded_hash(data: bytes | str) -> int:
+    """hash64 folded onto 97 points: most points collide, so their tie order shows in lookups."""
+    return hash64(data) % 97
+
+
+@fast
+@given(nodes=memberships, extra=memberships, data=st.data())
+def test_from_nodes_equals_incremental_adds_property(
+    nodes: dict[str, float], extra: dict[str, float], data: st.DataObject
+) -> None:
+    """Random memberships, random add order, re-adds and removals: one sort gives the same ring."""
+    order = data.draw(st.permutations(list(nodes)))
+    removed = data.draw(st.sets(st.sampled_from(order))) if order else set()
+    incremental = Ring(vnodes=20, hash_fn=crowded_hash)
+    for node_id in order:
+        incremental.add(node_id, nodes[node_id])
+    for node_id, weight in extra.items():
+        incremental.add(node_id, weight)  # a re-add replaces the weight
+    for node_id in removed - set(extra):
+        incremental.remove(node_id)
+    final = {**nodes, **extra}
+    final = {node_id: weight for node_id, weight in final.items() if node_id not in removed - set(extra)}
+    built = Ring.from_nodes(final, vnodes=20, hash_fn=crowded_hash)
+    assert built.nodes == incremental.nodes == final
+    if final:
+        assert snapshot(built) == snapshot(incremental)
+
+
 # --- bounded loads -----------------------------------------------------------------------------
 
 
@@ -290,3 +372,49 @@ def test_bounded_ignores_loads_of_nodes_outside_ring() -> None:
     ring = ring_of(["a", "b"])
     owner = ring.lookup("k")
     assert ring.lookup_bounded("k", {"gone": 10_000}) == owner
+
+
+# --- bounded loads with a floor, sizes and weights ----------------------------------------------------
+
+
+def test_below_the_floor_every_key_meets_its_owner() -> None:
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0, "c": 1.0})
+    loads = {"a": 0, "b": 0, "c": 0}
+    for i in range(90):  # 30 rows each on average: under a floor of one 32-row batch
+        key = f"user-{i}"
+        node = ring.lookup_bounded(key, loads, 1.25, floor=32)
+        assert node == ring.lookup(key)
+        loads[node] += 1
+
+
+def test_without_a_floor_a_light_load_already_spills() -> None:
+    """Why the floor exists: ceil(1.25 * 3 / 3) = 2, so a node holding 2 rows is 'full'."""
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0, "c": 1.0})
+    key = next(k for k in (f"user-{i}" for i in range(100)) if ring.lookup(k) == "a")
+    assert ring.lookup_bounded(key, {"a": 2, "b": 0, "c": 0}, 1.25) != "a"
+    assert ring.lookup_bounded(key, {"a": 2, "b": 0, "c": 0}, 1.25, floor=32) == "a"
+
+
+def test_above_the_floor_the_bound_holds_per_weight() -> None:
+    ring = Ring.from_nodes({"big": 2.0, "small": 1.0, "other": 1.0})
+    loads = {"big": 0, "small": 0, "other": 0}
+    for _ in range(4000):  # one hot key
+        node = ring.lookup_bounded("hot", loads, 1.25, floor=32, size=1)
+        share = 1.25 * (sum(loads.values()) + 1) * ring.nodes[node] / 4.0
+        assert loads[node] + 1 <= max(32, math.ceil(share))
+        loads[node] += 1
+    assert loads["big"] == pytest.approx(2 * loads["small"], rel=0.05)
+
+
+def test_rows_count_as_load() -> None:
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0})
+    key = next(k for k in (f"user-{i}" for i in range(100)) if ring.lookup(k) == "a")
+    assert ring.lookup_bounded(key, {"a": 20, "b": 0}, 1.25, floor=32, size=12) == "a"  # 32 rows fit
+    assert ring.lookup_bounded(key, {"a": 21, "b": 0}, 1.25, floor=32, size=12) == "b"  # 33 do not
+
+
+def test_an_item_too_big_for_every_node_goes_to_its_owner() -> None:
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0})
+    assert ring.lookup_bounded("k", {"a": 100, "b": 100}, 1.0, floor=1, size=50) == ring.lookup("k")
+    with pytest.raises(ValueError):
+        ring.lookup_bounded("k", {}, 1.25, size=0)

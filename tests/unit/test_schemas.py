@@ -5,12 +5,26 @@ from __future__ import annotations
 from array import array
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.errors import BadRequest
-from app.schemas import flatten, nest, pack, parse_simple, parse_v2_inputs, unpack
+from app.schemas import (
+    NAME_MAX_CHARS,
+    flatten,
+    name_field,
+    nest,
+    pack,
+    parse_simple,
+    parse_v2_inputs,
+    parse_v2_outputs,
+    scalar_map,
+    shown,
+    string_field,
+    unpack,
+)
 from tasks.contract import DATATYPES
 from tasks.metadata import ModelMetadata, TensorSpec
 
@@ -109,3 +123,97 @@ def test_v2_inputs_all_present_same_rows() -> None:
         )
     with pytest.raises(BadRequest, match="given twice"):
         parse_v2_inputs(meta, [{"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}] * 2, 32)
+
+
+DIGITS = model(TensorSpec("pixels", "FP32", (-1, 2)))
+PIXELS = {"name": "pixels", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}
+DEEP = orjson.loads(b"[" * 1000 + b"]" * 1000)  # repr() of this overflows the stack
+HOSTILE = [True, 1.5, [], {}, ["a"], {"a": 1}, DEEP]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=["bool", "float", "list", "object", "list-of-str", "map", "deep"])
+def test_names_and_keys_are_strings_or_integers(value: object) -> None:
+    with pytest.raises(BadRequest, match="'key' must be a string or an integer"):
+        name_field(value, "key")
+    assert name_field("user-42", "key") == "user-42" and name_field(42, "key") == "42"
+    assert name_field(None, "key") is None
+
+
+def test_string_names_are_capped() -> None:
+    assert name_field("k" * NAME_MAX_CHARS, "key") == "k" * NAME_MAX_CHARS
+    with pytest.raises(BadRequest, match=f"longer than {NAME_MAX_CHARS}"):
+        name_field("k" * (NAME_MAX_CHARS + 1), "key")
+
+
+@pytest.mark.parametrize("value", [7, *HOSTILE], ids=["int", "bool", "float", "list", "object", "strs", "map", "deep"])
+def test_v2_id_is_a_string(value: object) -> None:
+    with pytest.raises(BadRequest, match="'id' must be a string"):
+        string_field(value, "id")
+    assert string_field("req-1", "id") == "req-1" and string_field(None, "id") is None
+
+
+@pytest.mark.parametrize("value", [[], "x", 3, DEEP])
+def test_parameters_must_be_an_object(value: object) -> None:
+    with pytest.raises(BadRequest, match="parameters must be an object"):
+        scalar_map(value, "parameters")
+
+
+@pytest.mark.parametrize("value", [None, [1], {"a": 1}, DEEP])
+def test_parameter_values_are_scalars(value: object) -> None:
+    with pytest.raises(BadRequest, match="must be a string, number or boolean"):
+        scalar_map({"timeout": 5, "x": value}, "parameters")
+    params = {"s": "a", "i": 1, "f": 0.5, "b": True}
+    assert scalar_map(params, "parameters") == params and scalar_map(None, "parameters") == {}
+
+
+@pytest.mark.parametrize("name", [["pixels"], {"a": 1}, 3, None, DEEP])
+def test_v2_input_name_must_be_a_string(name: object) -> None:
+    with pytest.raises(BadRequest, match=r"inputs\[0\]\.name must be a string"):
+        parse_v2_inputs(DIGITS, [{**PIXELS, "name": name}], 32)
+
+
+def test_v2_errors_name_a_deep_value_by_its_type() -> None:
+    with pytest.raises(BadRequest, match="got a list"):
+        parse_v2_inputs(DIGITS, [{**PIXELS, "datatype": DEEP}], 32)
+
+
+def test_v2_input_parameters_are_scalars() -> None:
+    with pytest.raises(BadRequest, match=r"inputs\[0\]\.parameters 'p' must be"):
+        parse_v2_inputs(DIGITS, [{**PIXELS, "parameters": {"p": [1]}}], 32)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "words"),
+    [
+        ({"name": "y"}, "'outputs' must be a list"),
+        (["y"], r"outputs\[0\] must be an object"),
+        ([{"name": ["y"]}], r"outputs\[0\]\.name must be a string"),
+        ([{}], r"outputs\[0\]\.name must be a string"),
+        ([{"name": DEEP}], r"outputs\[0\]\.name must be a string"),
+        ([{"name": "y"}, {"name": "z"}], "unknown outputs: 'z'"),
+        ([{"name": "y", "parameters": {"binary_data": [True]}}], r"outputs\[0\]\.parameters 'binary_data'"),
+        ([{"name": "y", "parameters": "x"}], r"outputs\[0\]\.parameters must be an object"),
+    ],
+)
+def test_v2_outputs_are_objects_with_a_declared_name(outputs: object, words: str) -> None:
+    with pytest.raises(BadRequest, match=words):
+        parse_v2_outputs(DIGITS, outputs)
+    assert parse_v2_outputs(DIGITS, [{"name": "y", "parameters": {"binary_data": False}}]) == ["y"]
+    assert parse_v2_outputs(DIGITS, None) is None
+
+
+def test_shown_never_reprs_a_nested_value() -> None:
+    assert shown(DEEP) == "a list" and shown({"a": DEEP}) == "an object" and shown(None) == "null"
+    assert shown("x" * 1000) == repr("x" * 80 + "...")
+
+
+def test_nesting_limit() -> None:
+    """The documented limit: orjson parses at most 1,024 levels (deeper is malformed JSON, a 400);
+    tensor data is nested exactly as its shape, and a list below the last level is refused."""
+    orjson.loads(b"[" * 1024 + b"]" * 1024)
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(b"[" * 1025 + b"]" * 1025)
+    with pytest.raises(BadRequest, match="does not take list"):
+        parse_v2_inputs(DIGITS, [{**PIXELS, "data": [[1, DEEP]]}], 32)
+    with pytest.raises(BadRequest, match="does not take list"):
+        parse_simple(DIGITS, [1, DEEP], 32)

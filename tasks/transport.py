@@ -1,0 +1,75 @@
+"""kombu's Redis transport, guarded: a message that is not even a kombu message is dropped.
+
+kombu's Redis channel pops a message (``BRPOP``), parses it as JSON and builds a ``Message``
+before Celery sees it. Garbage pushed onto a queue fails right there, inside the worker's
+event loop, and Celery stops the worker ("Unrecoverable error") or takes it for a lost
+connection. These classes wrap those two steps: what fails to become a message is logged,
+counted and dropped. It is already off the list (and with ``ack_emulation`` off nothing keeps
+a copy), so it never comes back. Connection errors of the pop itself pass through untouched:
+kombu reconnects on those.
+
+The channels also never put unacknowledged messages back on the queue when a connection
+closes (kombu's ``do_restore``): the batch consumer answers what it holds before a reconnect,
+and fail-over is the gateways' job, so a restored message would only be computed twice.
+
+Celery picks this transport through ``broker_transport`` (see :mod:`tasks.celery_app`);
+the URL keeps its ``redis://`` / ``rediss://`` or ``sentinel://`` scheme.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import redis
+
+from tasks.contract import Drops
+
+DROPS = Drops("worker")
+"""This process's count of dropped messages; the worker adds it to ``/stats`` every heartbeat."""
+
+
+class _GuardedRead:
+    """Channel mixin: a popped item that is not JSON is dropped (kombu would raise out of the loop)."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            return super()._brpop_read(**options)  # type: ignore[misc, no-any-return]
+        except ValueError as exc:  # JSON or UTF-8; a connection error is never a ValueError
+            DROPS.drop("messages that are not JSON", f"{type(exc).__name__}: {exc}")
+            return True
+
+
+class _GuardedDelivery:
+    """Transport mixin: JSON that does not make a kombu message (or a delivery that fails on it) is dropped.
+
+    Guarded here rather than in the channel because kombu counts ``KeyError`` — what building a
+    message from JSON of the wrong shape raises — among its Redis *connection* errors, so
+    Celery would take garbage for a lost connection and reconnect.
+    """
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        try:
+            super()._deliver(message, queue)  # type: ignore[misc]
+        except Exception as exc:
+            DROPS.drop("messages that are not kombu messages", f"{type(exc).__name__}: {exc}")
+
+
+class Channel(_GuardedRead, redis.Channel):  # type: ignore[misc]
+    do_restore = False  # see below
+
+
+class Transport(_GuardedDelivery, redis.Transport):  # type: ignore[misc]
+    Channel = Channel
+
+
+class SentinelChannel(_GuardedRead, redis.SentinelChannel):  # type: ignore[misc]
+    do_restore = False
+
+
+class SentinelTransport(_GuardedDelivery, redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel
+
+
+def transport_for(url: str) -> str:
+    """The ``broker_transport`` setting for a broker URL."""
+    return f"{__name__}:{'SentinelTransport' if url.startswith('sentinel') else 'Transport'}"
