@@ -52,6 +52,7 @@ class Gateway:
                 self.dispatcher.set_members,
                 self.dispatcher.redis_lost,
                 self.dispatcher.redis_back,
+                self.dispatcher.set_silent,
             )
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
             self.follower.start()

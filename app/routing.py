@@ -10,7 +10,8 @@ processes do not exchange counts (that would cost a Redis round trip per request
 processes a worker holds at most ``load_factor`` × its share of everybody's rows plus G
 batches. A worker with more than ``max_in_flight`` of our requests is full (the caller answers
 429). Workers whose breaker is open, or whose one half-open probe is in flight
-(:mod:`app.breaker`), are left out while any other remains.
+(:mod:`app.breaker`), and workers that missed their heartbeats (*silent*) are left out while
+any other remains.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Router:
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
         self._blocked: frozenset[str] = frozenset()
+        self._silent: frozenset[str] = frozenset()
         self._ring = Ring(vnodes)
         self._in_flight: Counter[str] = Counter()  # requests, for max_in_flight
         self._rows: Counter[str] = Counter()  # their rows, for bounded loads
@@ -98,6 +100,15 @@ class Router:
             self._members = dict(members)
             self._rebuild(self._breaker.blocked())
             return gone
+
+    def set_silent(self, nodes: set[str]) -> set[str]:
+        """Members that missed their heartbeats leave the ring until they beat again; returns the
+        newly silent ones (whatever they hold will not be answered soon)."""
+        with self._lock:
+            newly = nodes - self._silent
+            self._silent = frozenset(nodes)
+            self._rebuild(self._breaker.blocked())
+            return newly
 
     def open_breakers(self) -> list[str]:
         """Workers whose breaker is not closed (open, half-open or probing), sorted."""
@@ -152,7 +163,8 @@ class Router:
             self._rebuild(blocked)
 
     def _rebuild(self, blocked: frozenset[str]) -> None:
-        usable = {n: m for n, m in self._members.items() if n not in blocked} or self._members
+        left_out = blocked | self._silent
+        usable = {n: m for n, m in self._members.items() if n not in left_out} or self._members
         self._ring = Ring.from_nodes({n: m.weight for n, m in usable.items()}, self._vnodes)
         self._blocked = blocked
 

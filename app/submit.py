@@ -187,13 +187,20 @@ class Dispatcher:
 
     def set_members(self, members: dict[str, Member]) -> None:
         """Follow membership; re-send what departed (or restarted) workers held."""
-        gone = self.router.set_members(members)
-        if not gone:
+        self._reroute(self.router.set_members(members), "left or restarted")
+
+    def set_silent(self, nodes: set[str]) -> None:
+        """Workers that missed their heartbeats: send what they hold to the keys' next owners
+        now, rather than when their announcement expires (a late answer is harmless)."""
+        self._reroute(self.router.set_silent(nodes), "missed their heartbeats")
+
+    def _reroute(self, nodes: set[str], why: str) -> None:
+        if not nodes:
             return
         with self._lock:
-            orphans = [c for c in self._pending.values() if c.node in gone]
+            orphans = [c for c in self._pending.values() if c.node in nodes]
         if orphans:
-            log.warning("re-sending %d unanswered requests of %s", len(orphans), ", ".join(sorted(gone)))
+            log.warning("re-sending %d unanswered requests of %s (%s)", len(orphans), ", ".join(sorted(nodes)), why)
         for call in orphans:
             if call.lease is not None:
                 self.router.release(call.lease, ok=None)
@@ -201,7 +208,7 @@ class Dispatcher:
                 call.lease = self.router.acquire(call.key, call.rows, call.floor_rows)
             except Exception as exc:  # no worker left, or all full: answer now
                 call.lease = None
-                self._fail([call], Unavailable(f"its worker left and no other can take it ({type(exc).__name__})"))
+                self._fail([call], Unavailable(f"its worker {why} and no other can take it ({type(exc).__name__})"))
                 continue
             self._outbox.put(call)
 

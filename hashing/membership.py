@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_WEIGHT = 100.0  # × vnodes points: a weight of 100 is 15,000 points at 150 vnodes
 MAX_INCARNATION_CHARS = 256
+MAX_TTL_MS = 3_600_000
+SILENT_HEARTBEATS = 2  # a member whose last refresh is older than this many heartbeats is *silent*
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,16 @@ class Member:
 
     weight: float
     incarnation: str
+    heartbeat_ms: int = 1000  # how often it refreshes its announcement
+    ttl_ms: int = 4000  # the lifetime each refresh gives it
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.weight) and 0 < self.weight <= MAX_WEIGHT):
             raise ValueError(f"weight must be a number in (0, {MAX_WEIGHT:g}], got {self.weight!r}")
         if not self.incarnation or len(self.incarnation) > MAX_INCARNATION_CHARS:
             raise ValueError("incarnation must be a non-empty string")
+        if not 0 < self.heartbeat_ms < self.ttl_ms <= MAX_TTL_MS:
+            raise ValueError(f"need 0 < heartbeat_ms < ttl_ms <= {MAX_TTL_MS}, got {self.heartbeat_ms}, {self.ttl_ms}")
 
 
 class Schema(Protocol):
@@ -105,6 +111,23 @@ class Membership:
         info: dict[str, object] = self._redis.info("server")  # type: ignore[assignment]
         return str(info.get("run_id", ""))
 
+    def silent(self, members: dict[str, Member]) -> set[str]:
+        """Members that missed :data:`SILENT_HEARTBEATS` heartbeats: dead or frozen, not yet expired.
+
+        Read from the announcements' remaining lifetimes (``PTTL``), so no clock is compared.
+        """
+        ids = sorted(members)
+        pipe = self._redis.pipeline(transaction=False)
+        for node_id in ids:
+            pipe.pttl(self._schema.member_key(node_id))
+        left_ms = pipe.execute()
+        silent = set()
+        for node_id, left in zip(ids, left_ms, strict=True):
+            member = members[node_id]
+            if isinstance(left, int) and left >= 0 and member.ttl_ms - left > SILENT_HEARTBEATS * member.heartbeat_ms:
+                silent.add(node_id)
+        return silent
+
     def alive(self) -> dict[str, Member]:
         """Valid live members; ids whose announcement expired are pruned, bad ones ignored."""
         raw_ids: set[bytes] = self._redis.smembers(self._schema.members_key)  # type: ignore[assignment]
@@ -131,7 +154,9 @@ class Membership:
 class Follower:
     """A thread that polls :class:`Membership` and calls ``on_change`` when it changes.
 
-    It also watches Redis itself: ``on_unreachable`` is called once when Redis stops
+    It reports *silent* members (``on_silent``): announced, but their last refresh is older than
+    two heartbeats, so they are dead or frozen long before their announcement expires. It also
+    watches Redis itself: ``on_unreachable`` is called once when Redis stops
     answering, and ``on_recovered(data_lost)`` once when it answers again, or as soon as its
     ``run_id`` changed (a restarted or promoted server: whatever was queued there is gone).
 
@@ -146,12 +171,15 @@ class Follower:
         on_change: Callable[[dict[str, Member]], None],
         on_unreachable: Callable[[], None],
         on_recovered: Callable[[bool], None],
+        on_silent: Callable[[set[str]], None],
     ) -> None:
         self._membership = membership
         self._interval_s = interval_ms / 1000
         self._on_change = on_change
         self._on_unreachable = on_unreachable
         self._on_recovered = on_recovered
+        self._on_silent = on_silent
+        self.silent: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ringserve-membership", daemon=True)
         self._server_id: str | None = None
@@ -176,6 +204,7 @@ class Follower:
         try:
             server_id = self._membership.server_id()
             members = self._membership.alive()
+            silent = self._membership.silent(members)
         except RedisError as exc:
             if self.healthy:
                 log.warning("membership: cannot read Redis (%s)", exc)
@@ -199,6 +228,11 @@ class Follower:
             log.info("membership: %s", ", ".join(f"{n}×{m.weight:g}" for n, m in members.items()) or "empty")
             self.members = members
             self._on_change(dict(members))
+        if silent != self.silent:
+            if silent - self.silent:
+                log.warning("membership: %s missed their heartbeats", ", ".join(sorted(silent - self.silent)))
+            self.silent = silent
+            self._on_silent(set(silent))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

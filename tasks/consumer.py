@@ -132,7 +132,7 @@ class Server:
         self.repository = Repository(settings.model_repository)
         self.redis = Redis.from_url(settings.redis_url)
         self.membership = Membership(self.redis, settings.member_ttl_ms, ANNOUNCEMENTS)
-        self.member = Member(settings.node_weight, uuid.uuid4().hex)
+        self.member = Member(settings.node_weight, uuid.uuid4().hex, settings.heartbeat_ms, settings.member_ttl_ms)
         self.collector: Collector[Pending] = Collector(self._policy)
         self._timer: Any = None
         self._wakeup: Any = None

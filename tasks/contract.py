@@ -380,7 +380,7 @@ NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 class Announcements:
     """How membership is spelled in Redis: the keys, and the announcement as versioned JSON.
 
-    ``{"v": 2, "weight": 1.0, "incarnation": "<hex>"}``. Node ids match
+    ``{"v": 2, "weight": 1.0, "incarnation": "<hex>", "heartbeat_ms": 500, "ttl_ms": 4000}``. Node ids match
     :data:`NODE_ID_PATTERN` (1-64 characters: letters, digits, ``_``, ``.``, ``-``); the
     weight's bounds are :class:`hashing.membership.Member`'s.
     """
@@ -397,7 +397,14 @@ class Announcements:
 
     @staticmethod
     def encode(member: Member) -> bytes:
-        return json.dumps({"v": CONTRACT_VERSION, "weight": member.weight, "incarnation": member.incarnation}).encode()
+        body = {
+            "v": CONTRACT_VERSION,
+            "weight": member.weight,
+            "incarnation": member.incarnation,
+            "heartbeat_ms": member.heartbeat_ms,
+            "ttl_ms": member.ttl_ms,
+        }
+        return json.dumps(body).encode()
 
     @staticmethod
     def decode(raw: bytes) -> Member:
@@ -410,8 +417,11 @@ class Announcements:
         weight: Any = body.get("weight")
         if type(weight) not in (int, float):
             raise ContractError("weight must be a number")
+        heartbeat_ms, ttl_ms = body.get("heartbeat_ms"), body.get("ttl_ms")
+        if type(heartbeat_ms) is not int or type(ttl_ms) is not int:
+            raise ContractError("heartbeat_ms and ttl_ms must be integers")
         try:
-            return Member(float(weight), _name(body.get("incarnation"), "incarnation"))
+            return Member(float(weight), _name(body.get("incarnation"), "incarnation"), heartbeat_ms, ttl_ms)
         except ValueError as exc:
             raise ContractError(str(exc)) from None
 

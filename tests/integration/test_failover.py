@@ -108,7 +108,8 @@ def test_a_worker_leaving_under_load_loses_nothing(
 def test_restart_under_the_same_id_resends_what_the_old_run_held(
     cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
 ) -> None:
-    cluster = cluster_factory(member_ttl_ms=30_000, load_factor=0)  # the restart is quicker than the ttl
+    # The restart is quicker than the ttl, and than two heartbeats (else w2 would go silent first).
+    cluster = cluster_factory(member_ttl_ms=30_000, heartbeat_ms=10_000, load_factor=0)
     cluster.start("w1", "w2")
     app, client = start_gateway(cluster, app_factory)
     key = owner_key("w2", ["w1", "w2"], cluster.settings)
@@ -166,14 +167,19 @@ def test_breaker_routes_around_a_sick_worker(
     cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
 ) -> None:
     cluster = cluster_factory(
-        member_ttl_ms=30_000, request_timeout_ms=300, breaker_failures=2, breaker_cooldown_ms=1000, load_factor=0
+        member_ttl_ms=30_000,
+        heartbeat_ms=10_000,  # so that a frozen w2 is not seen missing its heartbeats during the test
+        request_timeout_ms=300,
+        breaker_failures=2,
+        breaker_cooldown_ms=1000,
+        load_factor=0,
     )
     cluster.start("w1", "w2")
     app, client = start_gateway(cluster, app_factory)
     key = owner_key("w2", ["w1", "w2"], cluster.settings)
     sick = cluster.workers["w2"].proc
     assert sick is not None
-    sick.send_signal(signal.SIGSTOP)  # alive in the ring (its announcement lasts 30 s) but silent
+    sick.send_signal(signal.SIGSTOP)  # in the ring (announced for 30 s, beating every 10 s) but answering nothing
     assert [client.post("/infer", json={"key": key, "input": ROW}).status_code for _ in range(2)] == [504, 504]
     routed_around = client.post("/infer", json={"key": key, "input": ROW})
     assert routed_around.status_code == 200 and routed_around.json["node"] == "w1"
@@ -185,6 +191,35 @@ def test_breaker_routes_around_a_sick_worker(
         return response.status_code == 200 and response.json["node"] == "w2"
 
     wait_until(back_on_w2, 5, "w2 to serve its keys again")
+
+
+def test_a_worker_that_misses_its_heartbeats_is_routed_around_at_once(
+    cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
+) -> None:
+    """Frozen (SIGSTOP): its announcement lasts 30 s, but two missed heartbeats (0.4 s) take it out."""
+    cluster = cluster_factory(member_ttl_ms=30_000, heartbeat_ms=200, request_timeout_ms=10_000)
+    cluster.start("w1", "w2")
+    app, client = start_gateway(cluster, app_factory)
+    key = owner_key("w2", ["w1", "w2"], cluster.settings)
+    frozen = cluster.workers["w2"].proc
+    assert frozen is not None
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        sent = time.monotonic()
+        held = client.post("/infer", json={"key": key, "input": ROW})  # reaches w2's queue before it is seen
+        took_s = time.monotonic() - sent
+        assert held.status_code == 200 and held.json["node"] == "w1"
+        assert took_s < 2.0, took_s  # re-sent when w2 went silent, not when its announcement expires
+        assert client.post("/infer", json={"key": key, "input": ROW}).json["node"] == "w1"
+        print(f"a request held by a frozen worker was answered by another after {took_s:.2f} s")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+
+    def back_on_w2() -> bool:
+        response = client.post("/infer", json={"key": key, "input": ROW})
+        return response.status_code == 200 and response.json["node"] == "w2"
+
+    wait_until(back_on_w2, 5, "w2 to serve its keys again once it beats")
 
 
 def test_client_deadline(client: FlaskClient) -> None:
