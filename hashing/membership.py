@@ -235,5 +235,6 @@ class Follower:
             self._on_silent(set(silent))
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        # While Redis is unreachable, look 5 times as often: arrivals get 503 until it is seen back.
+        while not self._stop.wait(self._interval_s if self.healthy else self._interval_s / 5):
             self.poll()
