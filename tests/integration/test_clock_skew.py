@@ -176,7 +176,8 @@ def expired_skipped(client: FlaskClient) -> dict[str, int]:
 def test_skewed_workers_keep_deadlines(
     cluster_factory: Callable[..., Cluster], app_factory: Callable[[Settings], Flask]
 ) -> None:
-    cluster = cluster_factory(max_delay_ms=HOLD_MS, batch_idle_ms=HOLD_MS)
+    # A worker frozen below must keep its place (and its requests): no silence detection here.
+    cluster = cluster_factory(max_delay_ms=HOLD_MS, batch_idle_ms=HOLD_MS, member_ttl_ms=30_000, heartbeat_ms=10_000)
     cluster.start("w_true")
     announced_at = {node: start_skewed(cluster, node, FAKETIME_OFFSETS[node]) for node in SKEWS_S}
 
