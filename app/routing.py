@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from app.breaker import Breaker
@@ -28,6 +28,7 @@ from hashing.membership import Member
 from hashing.ring import EmptyRingError, Ring
 
 OTHERS_FRESH_S = 0.5  # older reports of the other gateway processes are ignored
+QUIET_S = 0.5  # a silent worker that has not answered for this long is routed around
 
 
 class WorkerFull(Exception):
@@ -53,15 +54,25 @@ class Lease:
 
 
 class Router:
-    def __init__(self, vnodes: int, load_factor: float, max_in_flight: int, breaker: Breaker) -> None:
+    def __init__(
+        self,
+        vnodes: int,
+        load_factor: float,
+        max_in_flight: int,
+        breaker: Breaker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._vnodes = vnodes
         self._load_factor = load_factor  # < 1: bounded loads off, plain ring lookup
         self._max_in_flight = max_in_flight
         self._breaker = breaker
         self._lock = threading.Lock()
         self._members: dict[str, Member] = {}
-        self._blocked: frozenset[str] = frozenset()
-        self._silent: frozenset[str] = frozenset()
+        self._excluded: frozenset[str] = frozenset()  # left out of the ring built last
+        self._silent: frozenset[str] = frozenset()  # missed their heartbeats
+        self._answered_at: dict[str, float] = {}  # when each worker last answered a request
+        self._quiet_taken: frozenset[str] = frozenset()  # quiet nodes already handed to take_quiet
         self._ring = Ring(vnodes)
         self._in_flight: Counter[str] = Counter()  # requests, for max_in_flight
         self._rows: Counter[str] = Counter()  # their rows, for bounded loads
@@ -98,17 +109,27 @@ class Router:
             for node in gone:
                 self._breaker.forget(node)
             self._members = dict(members)
-            self._rebuild(self._breaker.blocked())
+            self._rebuild(self._left_out(self._clock()))
             return gone
 
-    def set_silent(self, nodes: set[str]) -> set[str]:
-        """Members that missed their heartbeats leave the ring until they beat again; returns the
-        newly silent ones (whatever they hold will not be answered soon)."""
+    def set_silent(self, nodes: set[str]) -> None:
+        """Members that missed their heartbeats.
+
+        One that has not answered us for :data:`QUIET_S` either is dead or frozen: it leaves the
+        ring until it beats or answers again (:meth:`take_quiet` tells when it does). A silent
+        member that still answers is only slow to beat (a loaded machine), and keeps its keys.
+        """
         with self._lock:
-            newly = nodes - self._silent
             self._silent = frozenset(nodes)
-            self._rebuild(self._breaker.blocked())
-            return newly
+            self._rebuild(self._left_out(self._clock()))
+
+    def take_quiet(self) -> set[str]:
+        """Silent members left out since the last call: what they hold will not be answered soon."""
+        with self._lock:
+            now = self._clock()
+            quiet = frozenset(self._quiet(now))
+            newly, self._quiet_taken = quiet - self._quiet_taken, quiet
+            return set(newly)
 
     def open_breakers(self) -> list[str]:
         """Workers whose breaker is not closed (open, half-open or probing), sorted."""
@@ -124,19 +145,19 @@ class Router:
         leaves the ring until the probe is released.
         """
         with self._lock:
-            self._follow_breaker()
+            self._follow_exclusions()
             owner = self._ring.lookup(key)
             node = owner
             if self._load_factor >= 1:
                 loads = self._rows
-                if time.monotonic() - self._others_at < OTHERS_FRESH_S:
+                if self._clock() - self._others_at < OTHERS_FRESH_S:
                     loads = self._rows + self._others_rows
                 node = self._ring.lookup_bounded(key, loads, self._load_factor, floor_rows, rows)
             if self._in_flight[node] >= self._max_in_flight:
                 raise WorkerFull(node)
             probe = self._breaker.try_probe(node)
             if probe is not None:
-                self._follow_breaker()
+                self._follow_exclusions()
             self._in_flight[node] += 1
             self._rows[node] += rows
             return Lease(node, rows, node != owner, probe)
@@ -152,21 +173,29 @@ class Router:
             if self._in_flight[node] > 0:
                 self._in_flight[node] -= 1
                 self._rows[node] = max(0, self._rows[node] - lease.rows)
+            if ok is not None:  # the worker answered
+                self._answered_at[node] = self._clock()
             if lease.probe is not None:
                 self._breaker.end_probe(node, lease.probe, ok)
             elif ok is not None:
                 self._breaker.record(node, ok)
 
-    def _follow_breaker(self) -> None:
-        blocked = self._breaker.blocked()
-        if blocked != self._blocked:
-            self._rebuild(blocked)
+    def _quiet(self, now: float) -> set[str]:
+        return {n for n in self._silent if now - self._answered_at.get(n, -math.inf) > QUIET_S}
 
-    def _rebuild(self, blocked: frozenset[str]) -> None:
-        left_out = blocked | self._silent
+    def _left_out(self, now: float) -> frozenset[str]:
+        """Nodes to route around: open breakers (or probing), and silent nodes that stopped answering."""
+        return self._breaker.blocked() | self._quiet(now)
+
+    def _follow_exclusions(self) -> None:
+        left_out = self._left_out(self._clock())
+        if left_out != self._excluded:
+            self._rebuild(left_out)
+
+    def _rebuild(self, left_out: frozenset[str]) -> None:
         usable = {n: m for n, m in self._members.items() if n not in left_out} or self._members
         self._ring = Ring.from_nodes({n: m.weight for n, m in usable.items()}, self._vnodes)
-        self._blocked = blocked
+        self._excluded = left_out
 
 
 __all__ = ["EmptyRingError", "Lease", "Router", "WorkerFull"]

@@ -190,9 +190,14 @@ class Dispatcher:
         self._reroute(self.router.set_members(members), "left or restarted")
 
     def set_silent(self, nodes: set[str]) -> None:
-        """Workers that missed their heartbeats: send what they hold to the keys' next owners
-        now, rather than when their announcement expires (a late answer is harmless)."""
-        self._reroute(self.router.set_silent(nodes), "missed their heartbeats")
+        """Workers that missed their heartbeats (see :meth:`Router.set_silent`)."""
+        self.router.set_silent(nodes)
+        self._reroute_quiet()
+
+    def _reroute_quiet(self) -> None:
+        """Send what silent, quiet workers hold to the keys' next owners now, rather than when
+        their announcements expire (a late answer is harmless)."""
+        self._reroute(self.router.take_quiet(), "missed their heartbeats and stopped answering")
 
     def _reroute(self, nodes: set[str], why: str) -> None:
         if not nodes:
@@ -277,6 +282,7 @@ class Dispatcher:
             try:
                 unsent = self._send(calls)
                 self._report_load()
+                self._reroute_quiet()
             except Exception:  # the sender thread must survive anything
                 log.exception("sender: unexpected error")
                 self._fail(calls, Unavailable("the gateway could not queue the request"))

@@ -225,3 +225,19 @@ def test_other_gateways_rows_count_while_fresh() -> None:
     assert spilled.node != owner and spilled.spilled
     r.set_others_rows(others, time.monotonic() - 10)  # long gone: only this process's rows count
     assert r.acquire("hot", rows=1, floor_rows=32).node == owner
+
+
+def test_a_silent_worker_that_still_answers_keeps_its_keys() -> None:
+    """Missed heartbeats alone (a loaded machine) move no key; silent and quiet, it is routed around."""
+    clock = Clock()
+    r = Router(150, 1.25, 10_000, Breaker(3, 5.0, clock), clock)
+    r.set_members(members("w1", "w2", "w3", "w4"))
+    key = next(f"k{i}" for i in range(1000) if r.acquire(f"k{i}").node == "w2")
+    r.release(r.acquire(key), ok=True)  # w2 just answered
+    r.set_silent({"w2"})
+    assert r.acquire(key).node == "w2" and r.take_quiet() == set()
+    clock.now += 10  # its last answer is 10 s old
+    assert r.take_quiet() == {"w2"} and r.take_quiet() == set()  # handed over once
+    assert r.acquire(key).node != "w2"
+    r.set_silent(set())  # it beats again
+    assert r.acquire(key).node == "w2"
