@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.1  # how often requests that could not be published are tried again
 LOAD_REPORT_S = 0.1  # how often, while requests are in flight, this process publishes their rows per node
-LOAD_REPORT_TTL_MS = 1000  # a process that stops reporting drops out of the sum after this
+LOAD_REPORT_TTL_MS = 300  # a process that stops reporting drops out of the sum after this
 
 
 def reported_rows(redis: Redis, exclude: str | None = None) -> Counter[str]:
@@ -136,6 +136,10 @@ class Dispatcher:
     def stop(self) -> None:
         self._outbox.put(None)
         self._thread.join()
+        try:  # our rows are no longer in flight anywhere: do not let others count them
+            self._redis.delete(self._load_key)
+        except RedisError as exc:
+            log.debug("sender: load report not withdrawn: %s", exc)
         self._drop_producer()
         self._celery.close()
 
