@@ -89,6 +89,9 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     seen = owners.observed(before, after, moves, ideal)
     seen["moved_to_new"] = sum(to == new for _, to in moves.moved.values())
     seen["moved_between_old"] = len(moves.moved) - seen["moved_to_new"]
+    moved_share = owners.computed_moved(
+        args.keys, dict.fromkeys(initial, 1.0), dict.fromkeys([*initial, new], 1.0), vnodes
+    )
     finding = {
         "added": new,
         "initial_nodes": initial,
@@ -99,24 +102,17 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             "shown": shown,
             "add_worker_returned": timeline.events.get("add-worker returned"),
         },
-        "phases_s": {"before_until": before_until, "after_from": shown},
         "shown_after_announced_s": None if shown is None or announced is None else shown - announced,
-        "failed": doc["summary"]["failed"],
-        "failed_by_status": doc["summary"]["failed_by_status"],
-        "requests_per_node_before": live.requests_per_node([r for r in records if r.end_s < before_until]),
-        "requests_per_node_after": live.requests_per_node([r for r in records if r.start_s >= after_from]),
-        "keys": args.keys,
-        "concurrent": args.concurrent,
-        "observed": seen,
-        "computed": {
-            "vnodes": vnodes,
-            "moved_share": owners.computed_moved(
-                args.keys, dict.fromkeys(initial, 1.0), dict.fromkeys([*initial, new], 1.0), vnodes
-            ),
-        },
-        "series": live.per_second(records),
-        "samples": timeline.samples,
-        "targets": TARGETS,
+        **owners.change_finding(
+            doc,
+            records,
+            timeline,
+            (before_until, after_from),
+            seen,
+            {"vnodes": vnodes, "moved_share": moved_share},
+            {"keys": args.keys, "concurrent": args.concurrent},
+            TARGETS,
+        ),
     }
     return live.one_run_document(ctx, doc, finding, add_at=args.add_at)
 

@@ -68,30 +68,26 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     seen["moved_others"] = len(moves.moved) - seen["leaver_keys_moved"]
     seen["answered_by_leaver_after"] = sum(by[leaver] for by in after.answers.values())  # target 0
     remaining = [n for n in initial if n != leaver]
+    moved_share = (
+        owners.computed_moved(args.keys, dict.fromkeys(initial, 1.0), dict.fromkeys(remaining, 1.0), vnodes)
+        if remaining
+        else None
+    )
     finding = {
         "leaver": leaver,
         "initial_nodes": initial,
         "events_s": {"sigterm": sigterm, "unannounced": unannounced, "gone": gone},
-        "phases_s": {"before_until": sigterm, "after_from": gone},
         "gone_after_sigterm_s": None if gone is None else gone - sigterm,
-        "failed": doc["summary"]["failed"],
-        "failed_by_status": doc["summary"]["failed_by_status"],
-        "requests_per_node_before": live.requests_per_node([r for r in records if r.end_s < sigterm]),
-        "requests_per_node_after": live.requests_per_node([r for r in records if r.start_s >= after_from]),
-        "keys": args.keys,
-        "concurrent": args.concurrent,
-        "observed": seen,
-        "computed": {
-            "vnodes": vnodes,
-            "moved_share": owners.computed_moved(
-                args.keys, dict.fromkeys(initial, 1.0), dict.fromkeys(remaining, 1.0), vnodes
-            )
-            if remaining
-            else None,
-        },
-        "series": live.per_second(records),
-        "samples": timeline.samples,
-        "targets": TARGETS,
+        **owners.change_finding(
+            doc,
+            records,
+            timeline,
+            (sigterm, after_from),
+            seen,
+            {"vnodes": vnodes, "moved_share": moved_share},
+            {"keys": args.keys, "concurrent": args.concurrent},
+            TARGETS,
+        ),
     }
     return live.one_run_document(ctx, doc, finding, leaver=leaver)
 

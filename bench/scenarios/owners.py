@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.keys import KeySpace
 from bench.record import Record
+from bench.scenarios import live
 from hashing.ring import Ring
 
 AFFINITY_TARGET = 0.99  # share of keys answered twice or more in a phase that a single node answered
@@ -106,3 +107,33 @@ def computed_moved(keys: int, before: Mapping[str, float], after: Mapping[str, f
     old, new = Ring.from_nodes(before, vnodes), Ring.from_nodes(after, vnodes)
     names = [KeySpace.name(i) for i in range(keys)]
     return sum(old.lookup(k) != new.lookup(k) for k in names) / keys
+
+
+def change_finding(
+    doc: dict[str, Any],
+    records: list[Record],
+    timeline: Any,
+    phases: tuple[float, float],
+    seen: dict[str, Any],
+    computed: dict[str, Any],
+    load: dict[str, Any],
+    targets: dict[str, Any],
+) -> dict[str, Any]:
+    """The part of a join's or a leave's finding that both share: outcome, phases, keys, series.
+
+    ``phases`` is (before until, after from) in seconds of the run; ``load`` the keys and users.
+    """
+    until_s, since_s = phases
+    return {
+        "phases_s": {"before_until": until_s, "after_from": None if math.isinf(since_s) else since_s},
+        "failed": doc["summary"]["failed"],
+        "failed_by_status": doc["summary"]["failed_by_status"],
+        "requests_per_node_before": live.requests_per_node([r for r in records if r.end_s < until_s]),
+        "requests_per_node_after": live.requests_per_node([r for r in records if r.start_s >= since_s]),
+        **load,
+        "observed": seen,
+        "computed": computed,
+        "series": live.per_second(records),
+        "samples": timeline.samples,
+        "targets": targets,
+    }
