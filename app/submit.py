@@ -29,7 +29,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from kombu.utils.uuid import uuid as new_task_id
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from app.errors import DeadlineExceeded, RingserveError, Unavailable
 from app.routing import Lease, Router
@@ -53,6 +53,7 @@ from tasks.contract import (
 log = logging.getLogger(__name__)
 
 RETRY_S = 0.1  # how often requests that could not be published are tried again
+MESSAGE_BYTES = 4 * 1024 * 1024  # one message's tensor bytes; a single larger request travels alone
 LOAD_REPORT_S = 0.1  # how often, while requests are in flight, this process publishes their rows per node
 LOAD_REPORT_TTL_MS = 300  # a process that stops reporting drops out of the sum after this
 
@@ -99,6 +100,10 @@ class Call:
     def rows(self) -> int:
         return self.tensors[0].shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(len(t.data) for t in self.tensors)
+
     def item(self, now: float) -> Item:
         """The wire item: the time left is sent, never a clock reading."""
         return Item(self.id, self.model, self.version, (self.deadline - now) * 1000, tuple(self.tensors))
@@ -112,8 +117,23 @@ class Call:
         self.done.set()
 
 
+def chunks(calls: list[Call], max_bytes: int) -> list[list[Call]]:
+    """``calls`` in order, cut into messages of at most ``max_bytes`` tensor bytes (a larger call alone)."""
+    out: list[list[Call]] = []
+    size = 0
+    for call in calls:
+        if not out or size + call.nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(call)
+        size += call.nbytes
+    return out
+
+
 class Dispatcher:
-    def __init__(self, celery: Celery, redis: Redis, router: Router) -> None:
+    def __init__(
+        self, celery: Celery, redis: Redis, router: Router, queue_grace_s: float, message_bytes: int = MESSAGE_BYTES
+    ) -> None:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.reply_key = reply_key(self.gateway_id)
         self.router = router
@@ -129,6 +149,10 @@ class Dispatcher:
         self._load_key = gateway_load_key(self.gateway_id)
         self._load_reported_at = 0.0
         self._load_reported: dict[str, int] = {}
+        self._queue_grace_ms = int(queue_grace_s * 1000)
+        self._message_bytes = message_bytes
+        self._members: set[str] = set()
+        self.refused_for_memory = 0  # requests answered 503 because Redis was full
 
     def start(self) -> None:
         self._thread.start()
@@ -190,8 +214,19 @@ class Dispatcher:
         call.resolve(reply)
 
     def set_members(self, members: dict[str, Member]) -> None:
-        """Follow membership; re-send what departed (or restarted) workers held."""
+        """Follow membership; re-send what departed (or restarted) workers held, then let their
+        queues expire after the grace period (a worker that comes back keeps its queue: its
+        heartbeat removes the expiry)."""
         self._reroute(self.router.set_members(members), "left or restarted")
+        departed, self._members = self._members - set(members), set(members)
+        if departed and self._queue_grace_ms > 0:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for node in departed:
+                    pipe.pexpire(queue_name(node), self._queue_grace_ms)
+                pipe.execute()
+            except RedisError as exc:
+                log.debug("queues of %s not set to expire: %s", ", ".join(sorted(departed)), exc)
 
     def set_silent(self, nodes: set[str]) -> None:
         """Workers that missed their heartbeats (see :meth:`Router.set_silent`)."""
@@ -330,21 +365,26 @@ class Dispatcher:
                 continue
             by_node[call.node].append(call)
         unsent: list[Call] = []
-        sent: dict[str, list[Call]] = {}
-        for node, node_calls in by_node.items():
+        sent: dict[str, list[Call]] = defaultdict(list)
+        for node, message_calls in ((n, c) for n, cs in by_node.items() for c in chunks(cs, self._message_bytes)):
             try:
                 # One producer (and broker connection) held for the thread's life: acquiring one
                 # per send would pay for a queue declaration and a connection check every time.
                 if self._producer is None:
                     self._producer = self._celery.producer_pool.acquire(block=True)
-                self._publish(node, encode_envelope(self.reply_key, [c.item(now) for c in node_calls]))
-                sent[node] = node_calls
+                self._publish(node, encode_envelope(self.reply_key, [c.item(now) for c in message_calls]))
+                sent[node] += message_calls
             except (OperationalError, RedisError, OSError) as exc:
+                if isinstance(exc, OutOfMemoryError):  # Redis reached maxmemory and evicts nothing: no retry
+                    self.refused_for_memory += len(message_calls)
+                    log.warning("sender: Redis is full (maxmemory): %d requests answered 503", len(message_calls))
+                    self._fail(message_calls, Unavailable("the queue (Redis) is full; retry shortly"))
+                    continue
                 if not self._broker_down:
                     log.warning("sender: cannot reach the broker (%s); retrying until each deadline", exc)
                 self._broker_down = True
                 self._drop_producer()
-                unsent += node_calls
+                unsent += message_calls
         if sent and self._broker_down and not unsent:
             log.info("sender: the broker answers again")
             self._broker_down = False

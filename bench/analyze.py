@@ -76,6 +76,8 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         written.append(plots.leave_timeline(findings["leave"], sub, out / "leave_timeline.png"))
     if "redis-restart" in findings:
         written.append(plots.redis_restart_timeline(findings["redis-restart"], sub, out / "redis_restart_timeline.png"))
+    if "soak" in findings:
+        written.append(plots.soak_memory(findings["soak"], sub, out / "soak_memory.png"))
     if "ring" in findings:
         ring = findings["ring"]
         ring_sub = f"{ring['keys']:,} keys · {ring['vnodes']} vnodes per node · {ring['hash']}\n" + report.machine_line(

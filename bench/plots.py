@@ -270,9 +270,8 @@ def ring_balance(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
 
 EVENT_STYLES = {
     "kill": ("tab:red", "-"),
-    "healed": ("tab:green", "--"),
+    "back": ("tab:green", "--"),
     "restart": ("tab:purple", "-"),
-    "rejoined": ("tab:blue", "--"),
     "add_worker": ("tab:purple", "-"),
     "announced": ("tab:orange", ":"),
     "shown": ("tab:green", "--"),
@@ -295,10 +294,10 @@ def _events(ax: Axes, events: dict[str, float | None], label: bool) -> None:
 
 
 def failover_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
-    """Requests/s, p99 and errors per second over the run, with the kill, heal, restart and rejoin marked."""
-    heal = finding["heal_after_kill_s"]
+    """Requests/s, p99 and errors per second over the run, with the kill and the worker's return marked."""
+    back = finding["back_after_kill_s"]
     title = f"Failover: SIGKILL {finding['victim']}, {finding['failed']:,} failed requests" + (
-        f", ring healed {heal:.1f} s after the kill" if heal is not None else ", ring never healed"
+        f", back in the ring {back:.1f} s after the kill" if back is not None else ", never back"
     )
     fig = Figure(figsize=(11, 8), layout="constrained")
     tput, p99, errors = fig.subplots(3, 1, sharex=True)
@@ -512,3 +511,23 @@ def leave_timeline(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
     )
     moved = {f"moved:\n{gone}'s": seen["leaver_keys_moved"], "moved:\nothers'": seen["moved_others"]}
     return _membership_timeline(finding, title, moved, subtitle, path)
+
+
+def soak_memory(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Redis's used memory and each process's resident memory over a long steady load."""
+    worst, ratio = finding["worst"], finding["max_ratio"]
+    title = f"Soak: memory over {finding['duration_s']:.0f} s of steady load, {finding['failed']:,} failed" + (
+        f"; largest last/first-minute ratio {ratio:.3f} ({worst})" if ratio is not None else ""
+    )
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    ax = fig.subplots()
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
+    samples = finding["memory_samples"]
+    for name in finding["memory"]:
+        points = [(s["t"], s[name] / 1e6) for s in samples if name in s]
+        ax.plot([t for t, _ in points], [v for _, v in points], ".-", markersize=3, label=name)
+    ax.set(xlabel="time since the load started (s)", ylabel="MB", title="Redis used_memory and process RSS")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncols=2)
+    return _save(fig, path)

@@ -1,4 +1,4 @@
-"""Processes as /proc shows them: state, start time, CPU seconds, and the tree below a pid (Linux)."""
+"""Processes as /proc shows them: state, start time, CPU seconds, the tree below a pid, who carries a marker (Linux)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 PROC = Path("/proc")
 
 
@@ -49,12 +50,6 @@ def descendants(root: int, tree: Mapping[int, list[int]]) -> list[int]:
     return found
 
 
-def running(pid: int, start_ticks: int) -> bool:
-    """Whether that very process (same pid and start time) still runs; a zombie has stopped."""
-    s = stat(pid)
-    return s is not None and s.start_ticks == start_ticks and s.state != "Z"
-
-
 def with_environment(name: str, value: str) -> dict[int, int]:
     """pid -> start time of every live process whose environment has ``name=value`` (children inherit it)."""
     marker = f"{name}={value}".encode()
@@ -70,3 +65,12 @@ def with_environment(name: str, value: str) -> dict[int, int]:
         if marker in environ.split(b"\0") and s is not None and s.state != "Z":
             found[int(entry.name)] = s.start_ticks
     return found
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of one live process (None once it is gone)."""
+    try:
+        pages = int((PROC / str(pid) / "statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return pages * PAGE_BYTES

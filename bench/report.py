@@ -214,16 +214,16 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         f = findings["failover"]
         ev, out = f["events_s"], f["outage"]
         lines += [
-            f"== failover: SIGKILL {f['victim']} at {ev['kill']:.2f} s, restarted at {ev['restart']:.2f} s"
+            f"== failover: SIGKILL {f['victim']} at {ev['kill']:.2f} s; supervisord restarts it"
             f" (member ttl {f['member_ttl_ms']} ms)",
             f"   failed: {f['failed']:,} {f['failed_by_status'] or ''}  (target 0)",
-            f"   ring healed {_n(f['heal_after_kill_s'], 2)} s after the kill (target <= 5 s);"
-            f" rejoined {_n(f['rejoin_after_restart_s'], 2)} s after the restart",
-            f"   outage (kill -> healed): {out['requests']:,} requests in flight, {out['failed']} failed,"
+            f"   back in the ring (new incarnation announced) {_n(f['back_after_kill_s'], 2)} s after the kill"
+            " (target <= 5 s)",
+            f"   outage (kill -> back): {out['requests']:,} requests in flight, {out['failed']} failed,"
             f" p99 {_n(out['p99_ms'], 1)} ms (target <= 1000 ms);"
             f" p99 before the kill {_n(f['p99_before_kill_ms'], 1)} ms",
             f"   outage: slowest {_n(out.get('max_ms'), 1)} ms, {out.get('over_1s', '-')} requests over 1 s"
-            " (those the killed worker held wait for the heal)",
+            " (those the killed worker held wait until its return is seen)",
             f"   throughput {_n(f['throughput_rps'])} req/s over the run",
         ]
     if "hotkey" in findings:
@@ -295,6 +295,8 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         ]
     if "redis-restart" in findings:
         lines += _redis_restart_lines(findings["redis-restart"])
+    if "soak" in findings:
+        lines += _soak_lines(findings["soak"])
     if "skipped" in findings:
         for name, why in findings["skipped"].items():
             lines.append(f"== skipped {name}: {why}")
@@ -316,3 +318,15 @@ def report(doc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
         lines += run_section(run) + [""]
     lines += findings_section(doc.get("findings", {}))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _soak_lines(f: dict[str, Any]) -> list[str]:
+    window = f["window_s"]
+    lines = [
+        f"== soak: {f['duration_s']:.0f} s of steady load, {f['failed']:,} failed, {_n(f['throughput_rps'])} req/s;"
+        f" memory: mean of the first {window:.0f} s vs the last {window:.0f} s (target: ratio <= 1.10)",
+    ]
+    for name, m in f["memory"].items():
+        first, last = _n(m["first_mb"], 1), _n(m["last_mb"], 1)
+        lines.append(f"   {name:<22} {first:>9} MB -> {last:>9} MB   x{_n(m['ratio'], 3)}")
+    return lines

@@ -10,18 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 from urllib.parse import urlsplit
 
-from bench import analyze, machine
+from bench import analyze, auth, machine
 from bench.cli import DEFAULT_URL, add_load_arguments, load_from_args
 from bench.cpu import CpuMeter
 from bench.loadgen import run_load
 from bench.results import RESULTS_FILE, run_document, write
-from bench.system import ROOT, stats_delta
+from bench.system import ROOT, stats_delta, supervised_pids
 from bench.trial import warm_up
 
 
@@ -40,7 +39,7 @@ def server_stats(url: str) -> dict[str, Any] | None:
     """GET /stats from a ringserve gateway; None for anything else."""
     parts = urlsplit(url)
     try:
-        with urllib.request.urlopen(f"{parts.scheme}://{parts.netloc}/stats", timeout=5) as response:
+        with auth.get(f"{parts.scheme}://{parts.netloc}/stats", 5) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]
     except (URLError, OSError, ValueError):
         return None
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     load = load_from_args(args, args.url)
     warm_up(load, args.warmup)
-    pids = {p.stem: int(p.read_text()) for p in args.run_dir.glob("pids/*.pid")}
+    pids = supervised_pids(args.run_dir)
     meter = CpuMeter(pids)
     before = server_stats(args.url)
     result = run_load(load, args.label, meter=meter)

@@ -28,6 +28,7 @@ from bench.scenarios import (
     redis_restart,
     ring,
     scaling,
+    soak,
 )
 from bench.scenarios.spec import Context, Scenario
 from bench.system import ROOT
@@ -47,6 +48,7 @@ SCENARIOS: dict[str, Scenario] = {
         join.SCENARIO,
         leave.SCENARIO,
         redis_restart.SCENARIO,
+        soak.SCENARIO,
     )
 }
 RESULTS_DIR = ROOT / "bench" / "results"

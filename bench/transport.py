@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from bench import auth
+
 TRANSPORTS = ("raw", "aiohttp")
 _HEADER_END = b"\r\n\r\n"
 
@@ -123,7 +125,9 @@ class RawConnection:
         self.port = parts.port or 80
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\nContent-Length: "
+            f"POST {self.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in auth.headers().items())
+            + "Content-Length: "
         ).encode()
         self._stream: _Stream | None = None
 
@@ -180,7 +184,7 @@ class AiohttpConnection:
             async with self._session.post(
                 self.url,
                 data=body,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", **auth.headers()},
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as response:
                 return response.status, await response.read()

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import auth
 from bench.loadgen import Load
 from bench.payload import Bodies
 from tasks.metadata import load_repository
@@ -33,7 +34,9 @@ def lua_script(load: Load) -> str:
     bodies = Bodies(meta, load.api, seed=load.seed)
     path = load.target(bodies).split("/", 3)[3]
     keys = load.keys.sample(PREPARED_REQUESTS, seed=load.seed).tolist()
-    lines = ['local headers = {["Content-Type"] = "application/json"}', "local reqs = {}", "init = function(args)"]
+    sent = {"Content-Type": "application/json", **auth.headers()}
+    table = ", ".join(f'["{name}"] = "{value}"' for name, value in sent.items())
+    lines = [f"local headers = {{{table}}}", "local reqs = {}", "init = function(args)"]
     for i, key in enumerate(keys):
         body = bodies.body(f"user-{key}", key).decode()
         lines.append(f'  reqs[{i + 1}] = wrk.format("POST", "/{path}", headers, [==[{body}]==])')

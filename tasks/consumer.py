@@ -204,6 +204,7 @@ class Server:
                 log.warning("node %s: Redis is a new server (its data is gone); announcing again", self.node_id)
             self._server_id = server_id
             self.membership.announce(self.node_id, self.member)
+            self.redis.persist(queue_name(self.node_id))  # ours again: gateways let departed queues expire
             if dropped:
                 self.redis.hincrby(STATS_DROPPED_KEY, self.node_id, dropped)
         except RedisError as exc:

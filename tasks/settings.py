@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 ENV_PREFIX = "RINGSERVE_"
 
@@ -33,6 +35,7 @@ MEMBER_TTL_MS = 4_000
 HEARTBEAT_MS = 500
 RING_REFRESH_MS = 250
 REPLY_TTL_S = 60
+QUEUE_GRACE_S = 60
 PREFETCH_MESSAGES = 256
 
 
@@ -40,7 +43,8 @@ PREFETCH_MESSAGES = 256
 class Settings:
     """Configuration shared by gateways and workers; see README "Configuration"."""
 
-    redis_url: str = REDIS_URL
+    redis_url: str = field(default=REDIS_URL, repr=False)  # holds the password once read from its file
+    redis_password_file: str = ""
     model_repository: str = MODEL_REPOSITORY
     default_model: str = DEFAULT_MODEL
     vnodes: int = VNODES
@@ -59,8 +63,9 @@ class Settings:
     heartbeat_ms: int = HEARTBEAT_MS
     ring_refresh_ms: int = RING_REFRESH_MS
     reply_ttl_s: int = REPLY_TTL_S
+    queue_grace_s: int = QUEUE_GRACE_S
     prefetch_messages: int = PREFETCH_MESSAGES
-    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    api_keys: tuple[str, ...] = field(default_factory=tuple, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -72,7 +77,40 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, raw, f.default)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        if settings.redis_password_file:
+            password = Path(settings.redis_password_file).read_text().strip()
+            settings = dataclasses.replace(settings, redis_url=with_password(settings.redis_url, password))
+        return settings
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` authenticating with ``password`` (kept out of every command line and file but its own)."""
+    parts = urlsplit(url)
+    netloc = f"{parts.username or ''}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+SECRET_NAME = re.compile(r"KEY|PASSWORD|SECRET|TOKEN|AUTH", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (what logs, output and results may show)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{REDACTED}@{parts.netloc.rpartition('@')[2]}"))
+
+
+def redact(name: str, value: str) -> str:
+    """A setting's value as it may be shown: secrets (API keys, passwords, tokens) hidden, URLs without password.
+
+    A ``*_FILE`` setting names where a secret lives, not the secret: it is shown.
+    """
+    if SECRET_NAME.search(name) and not name.upper().endswith("_FILE"):
+        return REDACTED
+    return redact_url(value) if "://" in value else value
 
 
 def _parse(name: str, raw: str, default: object) -> object:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 from typing import Any
 
 from bench import trial
@@ -45,7 +44,7 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     def script(tl: live.Timeline) -> None:
         tl.sleep_until(duration / 2)
         tl.event("sigterm")  # before the signal: every answer that ended earlier was routed by the old ring
-        system.kill(leaver, signal.SIGTERM)
+        system.control("stop", leaver)  # supervisorctl stop: SIGTERM, and no restart
 
     with RingServe(ctx.run_dir("leave"), args.workers) as system:
         vnodes = Settings.from_env(system.env).vnodes

@@ -21,6 +21,7 @@ from typing import Any
 
 from redis import Redis
 
+from bench import auth
 from bench.record import Record
 from bench.results import records_of, scenario_document
 from bench.scenarios.spec import Context
@@ -117,7 +118,7 @@ class Timeline:
             t = self.now()
             sample: dict[str, Any] = {"t": round(t, 3)}
             try:
-                with urllib.request.urlopen(f"{self.url}/stats", timeout=STATS_TIMEOUT_S) as response:
+                with auth.get(f"{self.url}/stats", STATS_TIMEOUT_S) as response:
                     stats = json.loads(response.read())
                 sample["members"] = sorted(stats.get("members", {}))
                 sample["rows_in_flight"] = stats.get("rows_in_flight_per_node", {})  # summed over every gateway

@@ -1,5 +1,6 @@
 """``redis-restart``: the medium load for a fixed time; the system's Redis is SIGKILLed (``--kill-at``) and
-started again ``--down-for`` seconds later on the same port, empty (no persistence: a new server, a new
+started again ``--down-for`` seconds later (``supervisorctl start redis``; its automatic restart is off for
+this run) on the same port, empty (no persistence: a new server, a new
 ``run_id``), as the run script starts it.
 
 Gateways hold the requests in flight while Redis is down and re-send them to the new server; arrivals
@@ -124,10 +125,11 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         tl.event("kill")
         tl.sleep_until(kill_at + down_for)
         tl.event("restart")
-        system.restart_redis()
+        system.start_redis()
         tl.event("redis_up")
 
-    with RingServe(ctx.run_dir("redis-restart"), args.workers) as system:
+    # supervisord would restart Redis at once: here it stays down until the script starts it
+    with RingServe(ctx.run_dir("redis-restart"), args.workers, {"REDIS_AUTORESTART": "false"}) as system:
         timeout_ms = Settings.from_env(system.env).request_timeout_ms
         timeline = live.Timeline(system.url, script, ready=True)
         doc = trial.measure(system, ctx.name, "redis-restart", load, ctx.machine, args.warmup, during=timeline)

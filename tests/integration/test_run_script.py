@@ -1,60 +1,234 @@
-"""README's first command, for real: ./docker-free-run.sh starts everything and stops it all."""
+"""README's first command, for real: ./docker-free-run.sh starts everything under supervisord, which
+brings back what crashes; `stop` stops exactly that; no secret shows in `ps` or in a log."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
+import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
+import pytest
+from redis import Redis
+from redis.exceptions import AuthenticationError
+
+from bench import procs
+from bench.system import RingServe, supervised_pids
+from hashing.membership import Membership
+from tasks.contract import ANNOUNCEMENTS
 from tests.conftest import ROOT, free_port, wait_until
 
+API_KEY = "test-api-key-4f1d9c"
+ROW = [1.0] * 64
+BACK_WITHIN_S = 5.0
 
-def get(url: str, body: dict | None = None) -> dict:
+
+def get(url: str, body: dict | None = None, headers: dict[str, str] | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as response:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
-def alive(pid: int) -> bool:
-    """Running: a zombie (exited, its exit status not yet collected by its parent) is not."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
+def command_lines() -> str:
+    """Every process's command line, as `ps -eo args` shows them (read from /proc, without `ps` itself)."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return "\n".join(lines)
 
 
-def test_start_serve_stop(tmp_path: Path) -> None:
+def secrets_of(run_dir: Path) -> list[str]:
+    return [p.read_text().strip() for p in sorted((run_dir / "secrets").glob("*.password"))]
+
+
+def test_start_serve_stop_and_no_secret_shows(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
     port, flower_port = free_port(), free_port()
     env = {
         **os.environ,
-        "RINGSERVE_RUN_DIR": str(tmp_path / "run"),
+        "RINGSERVE_RUN_DIR": str(run_dir),
         "RINGSERVE_PORT": str(port),
         "RINGSERVE_FLOWER_PORT": str(flower_port),
         "RINGSERVE_REDIS_PORT": str(free_port()),
         "RINGSERVE_WORKERS": "2",
+        "RINGSERVE_API_KEYS": API_KEY,
     }
     env.pop("RINGSERVE_REDIS_URL", None)
     script = str(ROOT / "docker-free-run.sh")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
     try:
         started = subprocess.run([script], env=env, capture_output=True, text=True, timeout=240)
         assert started.returncode == 0, started.stderr + started.stdout
         assert "ringserve is up: workers worker_1 worker_2" in started.stdout
         assert get(f"http://127.0.0.1:{port}/v2/health/ready") == {"ready": True}
-        answer = get(f"http://127.0.0.1:{port}/infer", {"model": "digits", "key": "u1", "input": [1.0] * 64})
+        answer = get(f"http://127.0.0.1:{port}/infer", {"model": "digits", "key": "u1", "input": ROW}, auth)
         assert len(answer["output"]) == 10 and answer["node"] in ("worker_1", "worker_2")
 
+        redis_password, flower_password = (run_dir / "secrets" / f"{n}.password" for n in ("redis", "flower"))
+        for secret in (redis_password, flower_password, run_dir / "redis" / "redis.conf", run_dir / "env"):
+            assert secret.stat().st_mode & 0o777 == 0o600, secret
+        password = redis_password.read_text().strip()
+        assert len(password) >= 24
+        with pytest.raises(AuthenticationError):
+            Redis(port=int(env["RINGSERVE_REDIS_PORT"])).ping()
+        memory = Redis(port=int(env["RINGSERVE_REDIS_PORT"]), password=password).config_get("maxmemory*")
+        assert int(memory["maxmemory"]) > 0 and memory["maxmemory-policy"] == "noeviction"
+
+        flower_auth = base64.b64encode(f"ringserve:{flower_password.read_text().strip()}".encode()).decode()
+
         def flower_lists_both() -> bool:  # Flower learns of workers from their heartbeats (2 s)
-            workers = get(f"http://127.0.0.1:{flower_port}/workers?json=1")["data"]
+            url = f"http://127.0.0.1:{flower_port}/workers?json=1"
+            workers = get(url, headers={"Authorization": f"Basic {flower_auth}"})["data"]
             return {w["hostname"].split("@")[0] for w in workers} == {"worker_1", "worker_2"}
 
         wait_until(flower_lists_both, 15, "Flower to list both workers")
-        pids = [int(p.read_text()) for p in (tmp_path / "run" / "pids").glob("*.pid")]
-        assert len(pids) == 5  # redis, 2 workers, gateway, flower
+        try:
+            get(f"http://127.0.0.1:{flower_port}/workers?json=1")
+            raise AssertionError("Flower answered without basic auth")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
+
+        status = subprocess.run([script, "status"], env=env, capture_output=True, text=True, timeout=60)
+        lines = {line.split()[0]: line for line in status.stdout.splitlines() if "RUNNING" in line}
+        assert set(lines) == {"redis", "worker_1", "worker_2", "gateway", "flower"}, status.stdout
+        assert all("uptime" in line and "(restarts: 0)" in line for line in lines.values()), status.stdout
+
+        started_processes = procs.with_environment("RINGSERVE_RUN_DIR", str(run_dir))
+        assert len(started_processes) >= 7  # supervisord, redis, 2 workers, granian + 2 forks, flower
+        shown = command_lines()
+        logs = "\n".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log"))
+        for secret_value in [*secrets_of(run_dir), API_KEY]:
+            assert secret_value not in shown, "a secret shows in ps"
+            assert secret_value not in logs, "a secret shows in a log"
+            assert secret_value not in started.stdout + started.stderr
     finally:
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
-    assert not any(alive(pid) for pid in pids)
-    assert not list((tmp_path / "run" / "pids").glob("*.pid"))
+    assert not procs.with_environment("RINGSERVE_RUN_DIR", str(run_dir))
+    assert not (run_dir / "supervisor.sock").exists()
+
+    # A pid recorded by the stopped run, now reused by an unrelated process: `stop` leaves it alone.
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        (run_dir / "supervisord.pid").write_text(f"{bystander.pid}\n")
+        again = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "nothing runs" in again.stderr
+        time.sleep(0.2)
+        assert bystander.poll() is None, "stop killed a process it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+class Load:
+    """Clients posting /infer on keep-alive connections until stopped: HTTP statuses, and connections
+    that broke mid-request (a connection belongs to one gateway process: only the killed one's break)."""
+
+    def __init__(self, port: int, clients: int) -> None:
+        self.port = port
+        self.statuses: Counter[int] = Counter()
+        self.broken = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def take(self) -> tuple[Counter[int], int]:
+        with self._lock:
+            taken = (self.statuses, self.broken)
+            self.statuses, self.broken = Counter(), 0
+        return taken
+
+    def _client(self, n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        i = 0
+        while not self._stop.is_set():
+            body = json.dumps({"key": f"user-{n}-{i % 50}", "input": ROW})
+            i += 1
+            try:
+                conn.request("POST", "/infer", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                response.read()
+                with self._lock:
+                    self.statuses[response.status] += 1
+            except (OSError, http.client.HTTPException):
+                with self._lock:
+                    self.broken += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.close()
+
+
+def back_after(condition: object, timeout_s: float = 30.0) -> float:
+    """Seconds until ``condition()`` holds."""
+    start = time.monotonic()
+    wait_until(condition, timeout_s, "the process to be back")  # type: ignore[arg-type]
+    return time.monotonic() - start
+
+
+def test_crashed_processes_come_back_under_load(tmp_path: Path) -> None:
+    with RingServe(tmp_path / "run", workers=2, settings={"GATEWAY_PROCESSES": "2"}) as system:
+        redis = Redis.from_url(system.redis_url)
+        membership = Membership(redis, 0, ANNOUNCEMENTS)
+        with Load(system.port, clients=8) as load:
+            time.sleep(1.0)
+            assert sum(load.take()[0].values()) > 0
+
+            # A worker: SIGKILL; supervisord restarts it under the same node id.
+            old = membership.alive()["worker_1"]
+            system.kill("worker_1")
+            worker_back_s = back_after(lambda: membership.alive().get("worker_1", old) != old)
+            time.sleep(2.0)
+            statuses, broken = load.take()
+            print(f"worker_1 back in the ring after {worker_back_s:.2f} s; answers {dict(statuses)}")
+            assert worker_back_s <= BACK_WITHIN_S
+            assert set(statuses) == {200} and broken == 0
+
+            # One gateway process: granian respawns it; the other process's requests never fail.
+            gateway = system.pids()["gateway"]
+            forks = procs.children_map().get(gateway, [])
+            assert len(forks) == 2
+            os.kill(forks[0], signal.SIGKILL)
+
+            def respawned() -> bool:
+                now = procs.children_map().get(gateway, [])
+                return len(now) == 2 and forks[0] not in now
+
+            gateway_back_s = back_after(respawned)
+            time.sleep(2.0)
+            statuses, broken = load.take()
+            print(f"gateway process respawned after {gateway_back_s:.2f} s; answers {dict(statuses)}, {broken} broken")
+            assert gateway_back_s <= BACK_WITHIN_S
+            assert set(statuses) == {200} and statuses[200] > 0
+            assert broken <= 8  # at most one per client: those connected to the killed process
+
+        # Flower: SIGKILL; supervisord restarts it.
+        flower = system.kill("flower")
+        flower_back_s = back_after(lambda: system.pids().get("flower", flower) != flower)
+        print(f"flower back after {flower_back_s:.2f} s")
+        assert flower_back_s <= BACK_WITHIN_S
+        assert system.pids()["gateway"] == gateway  # granian itself never stopped
+        redis.close()
+    assert not supervised_pids(tmp_path / "run")

@@ -159,7 +159,7 @@ def dispatcher(threshold: int = 1) -> Dispatcher:
     """A dispatcher whose sender never runs: calls are routed and wait for :meth:`resolve`."""
     router = Router(150, 0, 100, Breaker(threshold, 5.0, Clock()))
     router.set_members({"w1": Member(1.0, "r1")})
-    return Dispatcher(make_celery(Settings()), Redis(), router)
+    return Dispatcher(make_celery(Settings()), Redis(), router, queue_grace_s=60)
 
 
 def answer(d: Dispatcher, reply: Callable[[str], Reply]) -> None:
@@ -227,7 +227,7 @@ def test_a_probe_ended_by_the_clients_deadline_frees_the_slot() -> None:
     clock = Clock()
     router = Router(150, 0, 100, Breaker(1, 5.0, clock))
     router.set_members({"w1": Member(1.0, "r1"), "w2": Member(1.0, "r1")})
-    d = Dispatcher(make_celery(Settings()), Redis(), router)
+    d = Dispatcher(make_celery(Settings()), Redis(), router, queue_grace_s=60)
     key = next(k for k in (f"k{i}" for i in range(1000)) if router.acquire(k).node == "w1")
     router.release(Lease("w1", 1), ok=False)  # w1 opens (threshold 1)
     clock.now = 5.0
