@@ -20,7 +20,6 @@ from app.routing import EmptyRingError, Router, WorkerFull
 from app.schemas import Tensor
 from app.submit import Call, Dispatcher
 from hashing.membership import Follower, Membership
-from tasks.celery_app import make_celery
 from tasks.contract import ANNOUNCEMENTS, Failure, Result
 from tasks.metadata import ModelMetadata, load_repository
 from tasks.settings import Settings
@@ -45,7 +44,7 @@ class Gateway:
             )
             breaker = Breaker(s.breaker_failures, s.breaker_cooldown_ms / 1000)
             router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker)
-            self.dispatcher = Dispatcher(make_celery(s), self.redis, router, s.queue_grace_s)
+            self.dispatcher = Dispatcher(self.redis, router, s.queue_grace_s)
             self.follower = Follower(
                 Membership(self.redis, s.member_ttl_ms, ANNOUNCEMENTS),
                 s.ring_refresh_ms,
@@ -105,7 +104,7 @@ class Gateway:
             raise Unavailable("no worker is alive") from None
         except WorkerFull as exc:
             raise TooManyRequests(f"worker {exc.node} has too many requests in flight; retry shortly") from None
-        if not call.done.wait(limit_ms / 1000):
+        if not call.wait(limit_ms / 1000):
             # Only the server's own timeout blames the worker; a client's shorter one does not.
             self.dispatcher.forget(call, worker_fault=limit_ms >= self.settings.request_timeout_ms)
             raise DeadlineExceeded(f"no result within {limit_ms:g} ms")
@@ -113,5 +112,5 @@ class Gateway:
             raise call.error
         if isinstance(call.reply, Failure):
             raise error_for_status(call.reply.kind.status, call.reply.message)
-        assert isinstance(call.reply, Result)  # done is set only with a reply or an error
+        assert isinstance(call.reply, Result)  # a call is finished only with a reply or an error
         return call.reply

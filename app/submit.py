@@ -2,9 +2,10 @@
 
 Request threads route a :class:`Call` (:mod:`app.routing`), enqueue it and wait on it. One
 sender thread per gateway process takes everything that queued up since its last send and
-sends one Celery message per worker. Under load a message carries many requests, so
-Celery's per-message cost (milliseconds of CPU on both ends) is paid once per batch, not
-once per request; when idle, a lone request leaves at once.
+sends one Celery message per worker, all in one Redis round trip. Under load a message
+carries many requests, so the per-message cost is paid once per batch, not once per
+request; when idle, a lone request leaves at once. Messages are built from a template
+(:func:`tasks.contract.encode_task_message`) and pushed with ``LPUSH``, as kombu would.
 
 The dispatcher remembers which worker holds each unanswered call. When a worker leaves the
 ring (stopped or crashed), its unanswered calls are sent again to their new owners; a late
@@ -23,11 +24,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
-from celery import Celery
-from kombu.exceptions import OperationalError
-from kombu.utils.uuid import uuid as new_task_id
 from redis import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
 
@@ -39,12 +36,12 @@ from tasks.contract import (
     GATEWAYS_KEY,
     STATS_ROUTED_KEY,
     STATS_SPILLED_KEY,
-    TASK_NAME,
     Failure,
     Item,
     Reply,
     decode_counts,
     encode_envelope,
+    encode_task_message,
     gateway_load_key,
     queue_name,
     reply_key,
@@ -76,6 +73,14 @@ def reported_rows(redis: Redis, exclude: str | None = None) -> Counter[str]:
     return total
 
 
+def _held_lock() -> threading.Lock:
+    """A lock taken at once: its release is the signal a waiting request thread wakes on. A bare lock
+    is all C, where ``threading.Event`` builds a condition and a waiter lock in Python per wait."""
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass
 class Call:
     """One request in flight; the request thread waits on it."""
@@ -90,7 +95,7 @@ class Call:
     lease: Lease | None = None  # the worker it was sent to, while it holds it
     reply: Reply | None = None  # the worker's answer
     error: RingserveError | None = None  # or the gateway's own verdict
-    done: threading.Event = field(default_factory=threading.Event)
+    _done: threading.Lock = field(default_factory=_held_lock, repr=False)
 
     @property
     def node(self) -> str | None:
@@ -108,13 +113,23 @@ class Call:
         """The wire item: the time left is sent, never a clock reading."""
         return Item(self.id, self.model, self.version, (self.deadline - now) * 1000, tuple(self.tensors))
 
+    def wait(self, timeout_s: float) -> bool:
+        """Block until the call is answered (True) or ``timeout_s`` passed (False)."""
+        return self._done.acquire(timeout=timeout_s)
+
     def resolve(self, reply: Reply) -> None:
         self.reply = reply
-        self.done.set()
+        self._finish()
 
     def fail(self, error: RingserveError) -> None:
         self.error = error
-        self.done.set()
+        self._finish()
+
+    def _finish(self) -> None:
+        try:
+            self._done.release()
+        except RuntimeError:  # answered already: the first answer stands
+            pass
 
 
 def chunks(calls: list[Call], max_bytes: int) -> list[list[Call]]:
@@ -132,19 +147,18 @@ def chunks(calls: list[Call], max_bytes: int) -> list[list[Call]]:
 
 class Dispatcher:
     def __init__(
-        self, celery: Celery, redis: Redis, router: Router, queue_grace_s: float, message_bytes: int = MESSAGE_BYTES
+        self, redis: Redis, router: Router, queue_grace_s: float, message_bytes: int = MESSAGE_BYTES
     ) -> None:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.reply_key = reply_key(self.gateway_id)
         self.router = router
-        self._celery = celery
         self._redis = redis
         self._outbox: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
         self._pending: dict[str, Call] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="ringserve-sender", daemon=True)
-        self._producer: Any = None
+        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"  # as Celery names a sending process
         self._broker_down = False  # the last publish failed: log once, not at every retry
         self._load_key = gateway_load_key(self.gateway_id)
         self._load_reported_at = 0.0
@@ -164,8 +178,6 @@ class Dispatcher:
             self._redis.delete(self._load_key)
         except RedisError as exc:
             log.debug("sender: load report not withdrawn: %s", exc)
-        self._drop_producer()
-        self._celery.close()
 
     @property
     def alive(self) -> bool:
@@ -364,69 +376,37 @@ class Dispatcher:
                 self._fail([call], DeadlineExceeded("deadline passed before the request could be sent"))
                 continue
             by_node[call.node].append(call)
+        messages = [(node, part) for node, cs in by_node.items() for part in chunks(cs, self._message_bytes)]
+        if not messages:
+            return []
+        # One round trip per cycle: every message, then the counters of /stats.
+        pipe = self._redis.pipeline(transaction=False)
+        for node, part in messages:
+            queue = queue_name(node)
+            envelope = encode_envelope(self.reply_key, [c.item(now) for c in part])
+            pipe.lpush(queue, encode_task_message(queue, envelope, self._origin))
+        for node, node_calls in by_node.items():
+            pipe.hincrby(STATS_ROUTED_KEY, node, len(node_calls))
+            spilled = sum(1 for c in node_calls if c.lease is not None and c.lease.spilled)
+            if spilled:
+                pipe.hincrby(STATS_SPILLED_KEY, node, spilled)
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            if not self._broker_down:
+                log.warning("sender: cannot reach the broker (%s); retrying until each deadline", exc)
+            self._broker_down = True
+            return [c for _, part in messages for c in part]
         unsent: list[Call] = []
-        sent: dict[str, list[Call]] = defaultdict(list)
-        for node, message_calls in ((n, c) for n, cs in by_node.items() for c in chunks(cs, self._message_bytes)):
-            try:
-                # One producer (and broker connection) held for the thread's life: acquiring one
-                # per send would pay for a queue declaration and a connection check every time.
-                if self._producer is None:
-                    self._producer = self._celery.producer_pool.acquire(block=True)
-                self._publish(node, encode_envelope(self.reply_key, [c.item(now) for c in message_calls]))
-                sent[node] += message_calls
-            except (OperationalError, RedisError, OSError) as exc:
-                if isinstance(exc, OutOfMemoryError):  # Redis reached maxmemory and evicts nothing: no retry
-                    self.refused_for_memory += len(message_calls)
-                    log.warning("sender: Redis is full (maxmemory): %d requests answered 503", len(message_calls))
-                    self._fail(message_calls, Unavailable("the queue (Redis) is full; retry shortly"))
-                    continue
-                if not self._broker_down:
-                    log.warning("sender: cannot reach the broker (%s); retrying until each deadline", exc)
-                self._broker_down = True
-                self._drop_producer()
-                unsent += message_calls
-        if sent and self._broker_down and not unsent:
+        for (_, part), result in zip(messages, results, strict=False):
+            if isinstance(result, OutOfMemoryError):  # Redis reached maxmemory and evicts nothing: no retry
+                self.refused_for_memory += len(part)
+                log.warning("sender: Redis is full (maxmemory): %d requests answered 503", len(part))
+                self._fail(part, Unavailable("the queue (Redis) is full; retry shortly"))
+            elif isinstance(result, Exception):  # e.g. a replica that is read-only until promoted
+                log.warning("sender: Redis refused a message (%s); retrying until each deadline", result)
+                unsent += part
+        if self._broker_down and not unsent:
             log.info("sender: the broker answers again")
             self._broker_down = False
-        self._count(sent)
         return unsent
-
-    def _count(self, sent: dict[str, list[Call]]) -> None:
-        if not sent:
-            return
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            for node, node_calls in sent.items():
-                pipe.hincrby(STATS_ROUTED_KEY, node, len(node_calls))
-                spilled = sum(1 for c in node_calls if c.lease is not None and c.lease.spilled)
-                if spilled:
-                    pipe.hincrby(STATS_SPILLED_KEY, node, spilled)
-            pipe.execute()
-        except RedisError as exc:
-            log.debug("sender: statistics not recorded: %s", exc)
-
-    def _publish(self, node: str, envelope: dict[str, Any]) -> None:
-        """Publish one task message to ``node``'s queue.
-
-        This is what ``Celery.send_task`` does, less what we do not need per message (routing
-        lookups, an argument repr, a result object): Celery builds the message (protocol 2)
-        and kombu publishes it; measured at about half of ``send_task``'s CPU time.
-        """
-        message = self._celery.amqp.as_task_v2(new_task_id(), TASK_NAME, args=[envelope], argsrepr="", kwargsrepr="")
-        self._producer.publish(
-            message.body,
-            exchange="",
-            routing_key=queue_name(node),
-            serializer="msgpack",
-            headers=message.headers,
-            retry=False,
-            **message.properties,
-        )
-
-    def _drop_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.release()
-            except Exception as exc:  # a broken connection may fail to release; it is dropped
-                log.debug("sender: producer release failed: %s", exc)
-            self._producer = None

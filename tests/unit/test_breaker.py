@@ -11,9 +11,7 @@ from app.breaker import Breaker
 from app.routing import Lease, Router
 from app.submit import Dispatcher
 from hashing.membership import Member
-from tasks.celery_app import make_celery
 from tasks.contract import ErrorKind, Failure, Reply, Result, Tensor
-from tasks.settings import Settings
 
 
 class Clock:
@@ -159,7 +157,7 @@ def dispatcher(threshold: int = 1) -> Dispatcher:
     """A dispatcher whose sender never runs: calls are routed and wait for :meth:`resolve`."""
     router = Router(150, 0, 100, Breaker(threshold, 5.0, Clock()))
     router.set_members({"w1": Member(1.0, "r1")})
-    return Dispatcher(make_celery(Settings()), Redis(), router, queue_grace_s=60)
+    return Dispatcher(Redis(), router, queue_grace_s=60)
 
 
 def answer(d: Dispatcher, reply: Callable[[str], Reply]) -> None:
@@ -208,7 +206,7 @@ def test_the_gateways_own_errors_are_no_fault() -> None:
     d = dispatcher()
     call = d.submit("k", "digits", "1", ROW, 0.0, 32)
     d.set_members({})  # its worker left and no other can take it: the gateway answers 503
-    assert call.done.is_set() and call.error is not None and call.error.status == 503
+    assert call.wait(0) and call.error is not None and call.error.status == 503
     assert d.router.open_breakers() == [] and d.router.in_flight() == {}
 
 
@@ -227,7 +225,7 @@ def test_a_probe_ended_by_the_clients_deadline_frees_the_slot() -> None:
     clock = Clock()
     router = Router(150, 0, 100, Breaker(1, 5.0, clock))
     router.set_members({"w1": Member(1.0, "r1"), "w2": Member(1.0, "r1")})
-    d = Dispatcher(make_celery(Settings()), Redis(), router, queue_grace_s=60)
+    d = Dispatcher(Redis(), router, queue_grace_s=60)
     key = next(k for k in (f"k{i}" for i in range(1000)) if router.acquire(k).node == "w1")
     router.release(Lease("w1", 1), ok=False)  # w1 opens (threshold 1)
     clock.now = 5.0
