@@ -12,6 +12,8 @@ from typing import Any
 
 from bench.procs import CLOCK_TICKS_PER_S, PROC, children_map, descendants, stat
 
+NOT_SERVER = ("client", "other")  # groups of a report that are not the measured server's processes
+
 
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of one live process (None once it is gone)."""
@@ -75,3 +77,9 @@ class CpuMeter:
         used[rest] = max(machine - sum(used.values()), 0.0)
         per_request = {k: 1000 * v / requests for k, v in used.items()} if requests else {}
         return {"machine_busy_s": machine, "cpu_s": used, "cpu_ms_per_request": per_request}
+
+
+def server_ms(per_request: Mapping[str, float]) -> float:
+    """The server's CPU ms per request from :meth:`CpuMeter.report`'s ``cpu_ms_per_request``: every
+    metered process tree, not the client and not the rest of the machine."""
+    return sum(v for k, v in per_request.items() if k not in NOT_SERVER)

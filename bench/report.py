@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bench.cpu import server_ms
+
+FLOOR = "floor"  # the system name of the HTTP floor's runs (bench.peers.FLOOR)
 DISTURBED_SHARE = 0.1  # CPU of processes outside the measurement, above which a run is flagged
 
 
@@ -116,6 +119,8 @@ def load_line(config: dict[str, Any]) -> str:
         parts.append(f"{config['api']} API")
     if config.get("keys"):
         parts.append(str(config["keys"]))
+    if config.get("client"):
+        parts.append(f"driven by {config['client']}")
     if config.get("workers") is not None:
         parts.append(f"{config['workers']} workers")
     if config.get("settings"):
@@ -130,7 +135,32 @@ def subtitle(runs: Sequence[dict[str, Any]], machine: dict[str, Any]) -> str:
     return f"{line}\n{machine_line(machine)}" if line else machine_line(machine)
 
 
-def run_section(run: dict[str, Any]) -> list[str]:
+def _per_request(per: dict[str, float]) -> str:
+    """CPU ms per request of each process group, the largest first."""
+    return "  ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def floor_cpu(runs: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """CPU ms per request of each process of the HTTP floor's run (scenario ``floor``) among ``runs``, if any."""
+    for run in runs:
+        if run.get("config", {}).get("system") == FLOOR and run.get("server", {}).get("cpu"):
+            return run["server"]["cpu"]["cpu_ms_per_request"]  # type: ignore[no-any-return]
+    return None
+
+
+def floor_line(per: dict[str, float], floor: dict[str, float]) -> str:
+    """A run's CPU per request beside the floor's: what its server does beyond parsing a body under granian."""
+    base = server_ms(floor)
+    line = f"   vs floor:    the floor's server {base:.3f} CPU ms/req (wrk {floor.get('client', 0.0):.3f});"
+    if "gateway" in per:
+        own = per["gateway"] - base
+        line += f" gateway {per['gateway']:.3f} = floor + {own:.3f} ({per['gateway'] / max(base, 1e-9):.2f}x);"
+    total = server_ms(per)
+    return line + f" whole server {total:.3f} ({total / max(base, 1e-9):.2f}x)"
+
+
+def run_section(run: dict[str, Any], floor: dict[str, float] | None = None) -> list[str]:
+    """One run; with ``floor`` (:func:`floor_cpu`), its CPU per request beside the floor's."""
     s = run["summary"]
     lat = s["latency_ms"]
     client = run.get("client", {})
@@ -145,7 +175,7 @@ def run_section(run: dict[str, Any]) -> list[str]:
         f"   nodes:       {s['nodes'] or '-'}  max/mean {_n(s['balance']['max_over_mean'], 3)}"
         f"  CV {_n(s['balance']['cv'], 3)}",
         f"   batch size:  mean {_n(s['mean_batch_size'], 2)} rows per forward",
-        f"   client:      {_n(s['client_cpu_percent'])}% of a core,"
+        f"   client:      {client.get('tool', 'ours')}, {_n(s['client_cpu_percent'])}% of a core,"
         f" {_n(client.get('cpu_us_per_request'))} µs CPU/request"
         f" (could drive {_n(client.get('capacity_rps_per_core'), 0)} req/s per core)"
         + ("  ** CLIENT SATURATED: figures may be the client's limit **" if client.get("saturated") else ""),
@@ -153,9 +183,9 @@ def run_section(run: dict[str, Any]) -> list[str]:
     cpu = run.get("server", {}).get("cpu")
     if cpu:
         per = cpu["cpu_ms_per_request"]
-        lines.append(
-            "   CPU ms/req:  " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
-        )
+        lines.append(f"   CPU ms/req:  {_per_request(per)}")
+        if floor is not None and run.get("config", {}).get("system") != FLOOR and per:
+            lines.append(floor_line(per, floor))
         busy = cpu["machine_busy_s"]
         share = cpu["cpu_s"].get("other", 0.0) / busy if busy else 0.0
         available = s["duration_s"] * (run.get("machine", {}).get("cores") or 1)
@@ -297,6 +327,15 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         lines += _redis_restart_lines(findings["redis-restart"])
     if "soak" in findings:
         lines += _soak_lines(findings["soak"])
+    if "floor" in findings:
+        fl = findings["floor"]
+        lines += [
+            f"== floor ({fl['server']}, constant reply): {_n(fl['throughput_rps'])} req/s,"
+            f" p99 {_n(fl['p99_ms'], 2)} ms",
+            f"   CPU ms/req: {_per_request(fl['cpu_ms_per_request'])}  (the floor of any Flask gateway here)",
+        ]
+    if "compare" in findings:
+        lines += _compare_lines(findings["compare"])
     if "skipped" in findings:
         for name, why in findings["skipped"].items():
             lines.append(f"== skipped {name}: {why}")
@@ -314,8 +353,9 @@ def report(doc: dict[str, Any], runs: Sequence[dict[str, Any]]) -> str:
     if config.get("command"):
         lines.append(f"command: {config['command']}")
     lines.append("")
+    floor = floor_cpu(runs)
     for run in runs:
-        lines += run_section(run) + [""]
+        lines += run_section(run, floor) + [""]
     lines += findings_section(doc.get("findings", {}))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -329,4 +369,41 @@ def _soak_lines(f: dict[str, Any]) -> list[str]:
     for name, m in f["memory"].items():
         first, last = _n(m["first_mb"], 1), _n(m["last_mb"], 1)
         lines.append(f"   {name:<22} {first:>9} MB -> {last:>9} MB   x{_n(m['ratio'], 3)}")
+    return lines
+
+
+def _setting(setting: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items()) or "-"
+
+
+def _compare_lines(c: dict[str, Any]) -> list[str]:
+    """Each system at its best setting, the winner, then every setting's medians and rounds."""
+    m = c["method"]
+    blas = " ".join(f"{k}={v}" for k, v in m["blas"].items())
+    lines = [
+        f"== compare: each system at its best setting; {m['client']}, {m['rounds']} interleaved round(s) of"
+        f" {_n(m['duration_s'], 0)} s, medians over rounds; {blas} in every process",
+        f"   {'system':<10} {'best setting':<26} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  server CPU ms/req",
+    ]
+    for name, b in c["best"].items():
+        lines.append(
+            f"   {name:<10} {_setting(b['setting']):<26} {_n(b['throughput_rps'], 0):>10} {_n(b['p50_ms'], 2):>8}"
+            f" {_n(b['p99_ms'], 2):>8}  {b['server_cpu_ms_per_request']:.3f}"
+        )
+    ranked = sorted((b for name, b in c["best"].items() if name != FLOOR), key=lambda b: -b["throughput_rps"])
+    if c.get("winner") and len(ranked) > 1:
+        ratio = ranked[0]["throughput_rps"] / max(ranked[1]["throughput_rps"], 1e-9)
+        lines.append(
+            f"   winner: {c['winner']} at {_setting(ranked[0]['setting'])},"
+            f" {ratio:.2f}x the runner-up {ranked[1]['system']} at {_setting(ranked[1]['setting'])}"
+        )
+    elif c.get("winner"):
+        lines.append(f"   winner: {c['winner']} (the only server measured)")
+    lines.append("   every setting: median req/s, p99 ms, server CPU ms/req (req/s of each round)")
+    for p in c["configs"]:
+        rounds = ", ".join(_n(r["throughput_rps"], 0) for r in p["rounds"])
+        lines.append(
+            f"     {p['label']:<36} {_n(p['throughput_rps'], 0):>10}  p99 {_n(p['p99_ms'], 2):>7}"
+            f"  {p['server_cpu_ms_per_request']:.3f}  ({rounds})"
+        )
     return lines

@@ -4,6 +4,9 @@ A run document (what ``python -m bench.run`` writes, and each entry of a scenari
 
     {"scenario", "label", "config", "machine", "summary", "client", "server"?, "records" | "histogram"}
 
+A run driven by wrk has no records: its histogram is rebuilt from wrk's quantiles, its ``client`` is
+wrk's (with a ``tool``) and ``wrk`` holds wrk's own figures.
+
 A scenario of several runs (batching, scaling, compare) or of none (ceiling, ring) writes::
 
     {"scenario", "config", "machine", "runs": [run, ...], "findings": {...}}
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import wrk
 from bench.loadgen import LoadResult
 from bench.record import Record
 from bench.stats import histogram, summarize
@@ -53,6 +57,29 @@ def run_document(
     else:
         doc["histogram"] = histogram(r.latency_ms for r in result.records if r.ok)
     return doc
+
+
+def wrk_run_document(
+    scenario: str,
+    label: str,
+    config: dict[str, Any],
+    machine: dict[str, Any],
+    result: dict[str, Any],
+    summary: dict[str, Any],
+    server: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything about one run driven by wrk (``result``: ``bench.wrk.run``; ``summary``: ``bench.wrk.summary``)."""
+    return {
+        "scenario": scenario,
+        "label": label,
+        "config": config,
+        "machine": machine,
+        "summary": summary,
+        "client": wrk.client(result),
+        "server": server,
+        "histogram": wrk.latency_histogram(result),
+        "wrk": {k: v for k, v in result.items() if k != "quantiles_ms"},
+    }
 
 
 def scenario_document(

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,15 +80,24 @@ class RingServe:
 
     ``settings`` are ``RINGSERVE_*`` variables without the prefix, handed to every process, on top
     of those in this process's environment (except the ones the harness sets: ports, run dir, Redis).
+    ``env`` adds other variables for every process (``compare`` pins BLAS threads in every system).
     """
 
-    def __init__(self, run_dir: Path, workers: int = 3, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        workers: int = 3,
+        settings: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if any(k.startswith(PREFIX) for k in env or {}):
+            raise ValueError(f"{PREFIX}* variables are settings: pass them as settings")
         self.run_dir = run_dir
         self.workers = workers
         inherited = {k.removeprefix(PREFIX): v for k, v in os.environ.items() if k.startswith(PREFIX)}
         self.settings = {k: v for k, v in inherited.items() if k not in HARNESS_OWNED} | dict(settings or {})
         self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)} | dict(env or {})
         self.env.update({PREFIX + k: str(v) for k, v in self.settings.items()})
         self.env.update(
             {

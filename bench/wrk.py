@@ -1,11 +1,15 @@
-"""wrk (a C load generator) against the same target, for judging our own client: is it the bottleneck?
+"""wrk (a C load generator) against the same target: for servers faster than our client can measure,
+and for judging our own client (is it the bottleneck?).
 
 wrk replays requests prepared by a Lua script: the same bodies our client would send, with keys
-drawn from the same key space. Its own CPU time is read from the rusage of waited-for children.
+drawn from the same key space. The script's ``done`` hook prints wrk's exact figures (latency
+percentiles and :data:`QUANTILES` quantiles, errors) as one JSON line. Its own CPU time is read
+from the rusage of waited-for children.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import resource
@@ -16,12 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from bench import auth
-from bench.loadgen import Load
+from bench.loadgen import SATURATED_CPU_FRACTION, Load
 from bench.payload import Bodies
+from bench.stats import LATENCY_KEYS, balance, histogram
 from tasks.metadata import load_repository
 
 PREPARED_REQUESTS = 1000
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+QUANTILES = 200  # latency quantiles done() prints: the shape of the distribution, for the plots
+DONE_PREFIX = "bench-wrk-done: "
+# wrk calls done() once, after the run, with its merged statistics in microseconds (wrk's SCRIPTING).
+DONE = r"""done = function(summary, latency, requests)
+  local e, q = summary.errors, {}
+  for i = 0, quantiles - 1 do q[#q + 1] = string.format("%.0f", latency:percentile(100 * (i + 0.5) / quantiles)) end
+  io.write(string.format(prefix .. '{"requests": %.0f, "duration_us": %.0f, "errors": {"connect": %.0f, '
+    .. '"read": %.0f, "write": %.0f, "status": %.0f, "timeout": %.0f}, "latency_us": {"mean": %.3f, '
+    .. '"std": %.3f, "max": %.0f, "p50": %.0f, "p95": %.0f, "p99": %.0f, "p999": %.0f}, "quantiles_us": [%s]}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout, latency.mean,
+    latency.stdev, latency.max, latency:percentile(50), latency:percentile(95), latency:percentile(99),
+    latency:percentile(99.9), table.concat(q, ", ")))
+end
+"""
 
 
 def available() -> bool:
@@ -41,11 +60,13 @@ def lua_script(load: Load) -> str:
         body = bodies.body(f"user-{key}", key).decode()
         lines.append(f'  reqs[{i + 1}] = wrk.format("POST", "/{path}", headers, [==[{body}]==])')
     lines += ["end", "request = function() return reqs[math.random(#reqs)] end"]
-    return "\n".join(lines) + "\n"
+    lines.append(f'local quantiles, prefix = {QUANTILES}, "{DONE_PREFIX}"')
+    return "\n".join(lines) + "\n" + DONE
 
 
 def parse(output: str) -> dict[str, Any]:
-    """Throughput, latency percentiles (ms), requests and non-2xx answers from ``wrk --latency``."""
+    """Throughput, latency percentiles (ms), requests and non-2xx answers from ``wrk --latency``;
+    with our script's ``done`` line, also every latency key of a summary, quantiles and every error."""
 
     def ms(text: str) -> float:
         number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
@@ -55,7 +76,7 @@ def parse(output: str) -> dict[str, Any]:
     done = re.search(r"(\d+) requests in ([\d.]+)(\w+)", output)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    return {
+    result: dict[str, Any] = {
         "throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "requests": int(done.group(1)) if done else None,
         "duration_s": ms(done.group(2) + done.group(3)) / 1000 if done else None,
@@ -63,6 +84,19 @@ def parse(output: str) -> dict[str, Any]:
         "socket_errors": sum(int(g) for g in errors.groups()) if errors else 0,
         "latency_ms": percentiles,
     }
+    exact = [line.removeprefix(DONE_PREFIX) for line in output.splitlines() if line.startswith(DONE_PREFIX)]
+    if exact:
+        figures = json.loads(exact[-1])
+        result.update(
+            {
+                "requests": int(figures["requests"]),
+                "duration_s": figures["duration_us"] / 1e6,
+                "errors": {k: int(v) for k, v in figures["errors"].items()},
+                "latency_ms": {k: v / 1000 for k, v in figures["latency_us"].items()},
+                "quantiles_ms": [v / 1000 for v in figures["quantiles_us"]],
+            }
+        )
+    return result
 
 
 def run(load: Load, threads: int = 2) -> dict[str, Any]:
@@ -105,3 +139,58 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
         }
     )
     return result
+
+
+def summary(
+    result: dict[str, Any], mean_batch_size: float = math.nan, nodes: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """A run's summary (:data:`bench.stats.SUMMARY_KEYS`) from wrk's figures.
+
+    wrk does not read replies: a non-2xx answer or a socket error counts as one failed request, and
+    the latencies are every answer's. ``nodes`` and ``mean_batch_size`` come from the server when it
+    says (ringserve's /stats), else there are none.
+    """
+    errors = result.get("errors")
+    socket = sum(errors[k] for k in ("connect", "read", "write", "timeout")) if errors else result["socket_errors"]
+    answered = result["requests"] or 0
+    successful = answered - result["non_2xx"]
+    failed = {k: v for k, v in (("non_2xx", result["non_2xx"]), ("no_response", socket)) if v}
+    duration = result["duration_s"] or 0.0
+    nodes = dict(sorted((nodes or {}).items()))
+    return {
+        "requests": answered + socket,
+        "successful": successful,
+        "failed": sum(failed.values()),
+        "failed_by_status": failed,
+        "duration_s": duration,
+        "throughput_rps": successful / duration if duration > 0 else 0.0,
+        "latency_ms": {k: result["latency_ms"].get(k, math.nan) for k in LATENCY_KEYS},
+        "nodes": nodes,
+        "balance": balance(nodes),
+        "mean_batch_size": mean_batch_size,
+        "client_cpu_percent": result["cpu_percent"],
+    }
+
+
+def client(result: dict[str, Any]) -> dict[str, Any]:
+    """wrk's own cost in the shape of our client's (``LoadResult.client``): could it drive this server?"""
+    cpu_s, threads = result["cpu_s"], result["threads"]
+    return {
+        "tool": f"wrk -t{threads} -c{result['connections']}",
+        "processes": 1,
+        "cpu_s": cpu_s,
+        "cpu_percent_by_process": [round(result["cpu_percent"], 1)],
+        "cpu_us_per_request": result["cpu_us_per_request"],
+        "capacity_rps_per_core": (result["requests"] or 0) / cpu_s if cpu_s > 0 else None,
+        "saturated": result["cpu_percent"] >= 100 * SATURATED_CPU_FRACTION * threads,
+        "successful": (result["requests"] or 0) - result["non_2xx"],
+    }
+
+
+def latency_histogram(result: dict[str, Any]) -> dict[str, list[float]]:
+    """A latency histogram (``bench.stats.histogram``'s shape) rebuilt from wrk's quantiles, its counts
+    scaled to the answers: wrk keeps no per-request records, and this is the distribution's shape."""
+    quantiles = result.get("quantiles_ms") or []
+    shape = histogram(quantiles)
+    scale = (result["requests"] or 0) / max(len(quantiles), 1)
+    return {"edges": shape["edges"], "counts": [round(c * scale) for c in shape["counts"]]}

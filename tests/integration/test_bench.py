@@ -40,6 +40,7 @@ ARTIFACTS = {
     "batching": (*LOAD_ARTIFACTS, "batching_gain.png"),
     "scaling": (*LOAD_ARTIFACTS, "scaling.png"),
     "compare": LOAD_ARTIFACTS,
+    "floor": LOAD_ARTIFACTS,
     "ceiling": (RESULTS_FILE, "performance_report.txt", "performance_comparison.png"),
     "ring": (RESULTS_FILE, "performance_report.txt", "ring_balance.png"),
     "client": LOAD_ARTIFACTS,
@@ -59,6 +60,7 @@ RUNS = {
     "ceiling": 0,
     "ring": 0,
     "client": 3,
+    "floor": 1,
     "failover": 1,
     "hotkey": 2,
     "join": 1,
@@ -84,14 +86,20 @@ def bench(*args: str, timeout_s: float = 110, env: dict[str, str] | None = None)
 
 
 def check_run(run: dict[str, Any], may_fail: bool = False) -> None:
+    """A run of our client keeps every record; one driven by wrk has a histogram from wrk's quantiles."""
     summary = run["summary"]
     assert tuple(summary) == SUMMARY_KEYS
     assert tuple(summary["latency_ms"]) == LATENCY_KEYS
     assert tuple(summary["balance"]) == BALANCE_KEYS
-    assert summary["requests"] == len(run["records"]) > 0
     assert may_fail or summary["failed"] == 0, summary["failed_by_status"]
-    assert {"start_s", "end_s", "status", "key"} <= set(run["records"][0])
     assert {"machine", "config", "client"} <= set(run)
+    if "wrk" in run:
+        assert summary["requests"] == run["wrk"]["requests"] > 0 and run["client"]["tool"].startswith("wrk")
+        assert sum(run["histogram"]["counts"]) > 0 and summary["latency_ms"]["p99"] > 0
+        assert {"client", "other"} < set(run["server"]["cpu"]["cpu_ms_per_request"])  # and the server's processes
+    else:
+        assert summary["requests"] == len(run["records"]) > 0
+        assert {"start_s", "end_s", "status", "key"} <= set(run["records"][0])
 
 
 def check_observed_moves(seen: dict[str, Any]) -> None:
@@ -121,6 +129,24 @@ def check_redis_restart(f: dict[str, Any], run: dict[str, Any]) -> None:
     series = f["series"]
     assert len(series["t"]) == len(series["throughput_rps"]) > 0
     assert all(len(v) == len(series["t"]) for v in series["errors_by_status_per_s"].values())
+
+
+def check_compare(findings: dict[str, Any], runs: list[dict[str, Any]], report: str) -> None:
+    """--tiny: one round of ringserve, naive and mosec at 1 worker (mosec at one max_wait_ms) and the floor;
+    a peer that cannot run here is skipped, not failed."""
+    systems = [r["config"]["system"] for r in runs]
+    assert systems[0] == "ringserve" and systems[-1] == "floor"
+    assert set(systems[1:-1]) | set(findings["skipped"]) == {"naive", "mosec"}
+    c = findings["compare"]
+    assert list(c["best"]) == systems and c["winner"] in set(systems) - {"floor"}
+    assert [p["label"] for p in c["configs"]] == [r["label"] for r in runs]  # one setting each: each is the best
+    assert c["best"]["ringserve"]["setting"] == {"workers": 1}
+    assert all(len(p["rounds"]) == 1 for p in c["configs"]) and c["method"]["rounds"] == 1
+    if "mosec" in c["best"]:
+        assert c["best"]["mosec"]["setting"] == {"workers": 1, "max_wait_ms": 5}
+    assert runs[0]["server"]["stats"]["batch_size_histogram"]  # ringserve's /stats, read around the wrk run
+    assert findings["floor"]["throughput_rps"] > 0
+    assert report.count("vs floor:") == len(runs) - 1 and "winner: " in report
 
 
 def seen_sum(seen: dict[str, Any], *names: str) -> int:
@@ -199,9 +225,12 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         s = findings["soak"]
         assert {"redis_used_memory", "gateway_rss", "worker_1_rss", "redis_rss"} <= set(s["memory"])
         assert all(m["first_mb"] > 0 and m["last_mb"] > 0 for m in s["memory"].values())
+    if name == "floor":
+        assert set(runs[0]["server"]["cpu"]["cpu_ms_per_request"]) == {"web", "client", "other"}
+        assert findings["floor"]["throughput_rps"] == runs[0]["summary"]["throughput_rps"]
+        assert "vs floor" not in (tmp_path / "performance_report.txt").read_text()
     if name == "compare":
-        assert runs[0]["label"] == "ringserve"
-        assert {r["label"] for r in runs[1:]} | set(findings["skipped"]) == {"naive"}
+        check_compare(findings, runs, (tmp_path / "performance_report.txt").read_text())
 
 
 def test_load_generator_and_analysis_against_a_running_system(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Each benchmark peer starts, answers as ringserve's numpy engine does, and leaves no process.
+"""Each benchmark peer starts, answers as ringserve's numpy engine does, and leaves no process;
+the floor answers a constant.
 
 mosec and ray skip unless ``bench/requirements-peers.txt`` is installed (CI does not).
 """
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.peers import running_peer, unavailable
+from bench.peers import FLOOR, running_peer, unavailable
 from bench.peers.process import alive, descendants, free_port
 from tasks.repository import Repository
 from tests.conftest import ROOT
@@ -38,20 +39,22 @@ def post(url: str, body: Any) -> tuple[int, Any]:
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "settings"),
     [
-        pytest.param("naive", marks=pytest.mark.timeout(60)),
-        pytest.param("mosec", marks=pytest.mark.timeout(60)),
-        pytest.param("ray", marks=pytest.mark.timeout(180)),  # a cold Ray cluster start
+        pytest.param("naive", {}, marks=pytest.mark.timeout(60)),
+        pytest.param("mosec", {"max_wait_ms": "5"}, marks=pytest.mark.timeout(60)),
+        pytest.param("ray", {}, marks=pytest.mark.timeout(180)),  # a cold Ray cluster start
     ],
 )
-def test_peer_answers_like_the_engine_and_stops(name: str) -> None:
+def test_peer_answers_like_the_engine_and_stops(name: str, settings: dict[str, str]) -> None:
     reason = unavailable(name)
     if reason is not None:
         pytest.skip(reason)
     before = descendants(os.getpid())
-    with running_peer(name, "digits", workers=1, port=free_port()) as url:
+    with running_peer(name, "digits", workers=1, port=free_port(), settings=settings) as peer:
+        url = peer.url
         started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in before}
+        assert set(peer.pids.values()) <= set(started)  # the roots CPU is metered from
         status, many = post(url, {"model": "digits", "key": "user-42", "input": ROWS.tolist()})
         assert status == 200, many
         np.testing.assert_allclose(many["output"], expected(ROWS), rtol=1e-6)
@@ -63,3 +66,26 @@ def test_peer_answers_like_the_engine_and_stops(name: str) -> None:
         assert 400 <= status < 500
     assert started, "running_peer started no process"
     assert [pid for pid, start in started.items() if alive(pid, start)] == []
+
+
+@pytest.mark.timeout(60)
+def test_floor_answers_a_constant_and_stops() -> None:
+    reason = unavailable(FLOOR)
+    if reason is not None:
+        pytest.skip(reason)
+    before = descendants(os.getpid())
+    with running_peer(FLOOR, "digits", workers=1, port=free_port()) as peer:
+        started = {pid: start for pid, start in descendants(os.getpid()).items() if pid not in before}
+        assert list(peer.pids) == ["web"]
+        replies = [post(peer.url, {"model": "digits", "key": f"user-{i}", "input": ROWS[i].tolist()}) for i in (0, 1)]
+        assert replies[0] == replies[1] and replies[0][0] == 200 and "output" in replies[0][1]
+        assert post(peer.url, [1, 2])[0] == 400
+    assert [pid for pid, start in started.items() if alive(pid, start)] == []
+
+
+def test_an_unknown_setting_fails_before_anything_starts() -> None:
+    with (
+        pytest.raises(ValueError, match="max_wait_ms"),
+        running_peer("naive", "digits", 1, free_port(), {"max_wait_ms": "5"}),
+    ):
+        pass

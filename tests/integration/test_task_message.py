@@ -15,7 +15,8 @@ from tasks.celery_app import make_celery
 from tasks.contract import TASK_NAME, encode_task_message, queue_name
 from tests.conftest import RedisServer, make_settings
 
-ENVELOPE = {"v": 2, "reply_to": "ringserve:reply:g", "items": [{"id": "a", "inputs": [["x", "FP32", [1, 1], b"\0" * 4]]}]}
+ITEM = {"id": "a", "inputs": [["x", "FP32", [1, 1], b"\0" * 4]]}
+ENVELOPE = {"v": 2, "reply_to": "ringserve:reply:g", "items": [ITEM]}
 IDS = {("headers", "id"), ("headers", "root_id"), ("headers", "origin"), ("properties", "correlation_id"),
        ("properties", "delivery_tag")}  # fmt: skip
 

@@ -7,7 +7,6 @@ with ``workers`` processes on the default queue. No batching, no routing.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import sys
@@ -16,13 +15,12 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
-from bench.peers.launch import Launch
+from bench.peers.launch import Launch, granian_argv, granian_unavailable
 from bench.peers.process import Process, free_port, wait_until
 
 READY_TIMEOUT_S = 60.0
+SETTINGS: tuple[str, ...] = ()
 REDIS_URL_ENV = "RINGSERVE_PEER_REDIS_URL"  # read by naive.tasks in the worker and web processes
-WEB_PROCESSES = 2  # as ringserve's gateway: granian --workers 2 --blocking-threads 32
-WEB_THREADS = 32
 
 
 def redis_server_binary() -> str | None:
@@ -37,9 +35,7 @@ def redis_server_binary() -> str | None:
 def unavailable() -> str | None:
     if redis_server_binary() is None:
         return "naive needs redis-server: put it on PATH or set RINGSERVE_REDIS_SERVER"
-    if importlib.util.find_spec("granian") is None:
-        return "granian is not installed: pip install -r requirements.txt"
-    return None
+    return granian_unavailable()
 
 
 def _start_redis(launch: Launch, started: list[Process]) -> str:
@@ -69,7 +65,6 @@ def start(launch: Launch, started: list[Process]) -> str:
     celery = [sys.executable, "-m", "celery", "-A", "bench.peers.naive.tasks", "worker", "-n", "naive@%h"]
     options = ["--concurrency", str(launch.workers), "--without-mingle", "--without-gossip", "--loglevel", "INFO"]
     started.append(launch.process("celery", [*celery, *options], **{REDIS_URL_ENV: redis_url}))
-    web = [sys.executable, "-m", "granian", "--interface", "wsgi", "--host", "127.0.0.1", "--port", str(launch.port)]
-    web += ["--workers", str(WEB_PROCESSES), "--blocking-threads", str(WEB_THREADS), "--no-access-log"]
-    started.append(launch.process("web", [*web, "bench.peers.naive.web:app"], **{REDIS_URL_ENV: redis_url}))
+    web = granian_argv("bench.peers.naive.web:app", launch.port)
+    started.append(launch.process("web", web, **{REDIS_URL_ENV: redis_url}))
     return f"http://127.0.0.1:{launch.port}/infer"

@@ -14,6 +14,7 @@ from bench.peers.launch import Launch
 from bench.peers.process import Process
 
 READY_TIMEOUT_S = 150.0  # a cold Ray start (GCS, raylet, controller, proxy, replicas) is slow
+SETTINGS: tuple[str, ...] = ()
 ROUTE = "/infer"
 RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage report to the Internet
