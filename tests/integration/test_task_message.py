@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import msgpack
 from redis import Redis
 
 from tasks.celery_app import make_celery
-from tasks.contract import TASK_NAME, encode_task_message, queue_name
-from tests.conftest import RedisServer, make_settings
+from tasks.contract import (
+    TASK_NAME,
+    Item,
+    Tensor,
+    decode_replies,
+    encode_envelope,
+    encode_task_message,
+    queue_name,
+    reply_key,
+)
+from tests.conftest import Cluster, RedisServer, make_settings, wait_until
 
 ITEM = {"id": "a", "inputs": [["x", "FP32", [1, 1], b"\0" * 4]]}
 ENVELOPE = {"v": 2, "reply_to": "ringserve:reply:g", "items": [ITEM]}
@@ -49,3 +59,36 @@ def test_our_message_is_celerys_message(redis_server: RedisServer) -> None:
     assert msgpack.unpackb(base64.b64decode(ours["body"])) == msgpack.unpackb(base64.b64decode(celerys["body"]))
     assert ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
     assert ours["headers"]["id"] != ours["properties"]["delivery_tag"]
+
+
+def test_a_worker_pops_waiting_messages_in_bulk(tmp_path: Path) -> None:
+    """200 messages waiting: the worker answers them all, with far fewer BRPOPs than messages (after each
+    BRPOP it pops what else waits in one RPOP), and garbage among them is dropped on its own."""
+    server = RedisServer(tmp_path)  # its own server: command statistics count every client's commands
+    server.start()
+    cluster = Cluster(make_settings(server), tmp_path)
+    try:
+        cluster.start("worker_1")
+        redis = cluster.redis
+        queue, replies = queue_name("worker_1"), reply_key("bulk-test")
+        row = Tensor("input", "FP32", (1, 64), b"\0" * 256)
+        messages = [
+            encode_task_message(queue, encode_envelope(replies, [Item(f"r{i}", "digits", "1", 60_000.0, (row,))]), "t")
+            for i in range(200)
+        ]
+        messages.insert(100, b"not json")
+        redis.config_resetstat()
+        redis.lpush(queue, *messages)
+
+        def answered() -> int:
+            return sum(len(decode_replies(blob)[0]) for blob in redis.lrange(replies, 0, -1))
+
+        wait_until(lambda: answered() == 200, 60, "the worker to answer all 200 requests")
+        stats = redis.info("commandstats")
+        brpops = stats.get("cmdstat_brpop", {}).get("calls", 0)
+        rpops = stats.get("cmdstat_rpop", {}).get("calls", 0)
+        print(f"200 messages: {brpops} BRPOP, {rpops} RPOP")
+        assert rpops >= 1 and brpops <= 50
+    finally:
+        cluster.close()
+        server.stop()
