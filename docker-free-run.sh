@@ -5,7 +5,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-RUN="${RINGSERVE_RUN_DIR:-$ROOT/run}"
+RUN="$(realpath -m "${RINGSERVE_RUN_DIR:-$ROOT/run}")"  # absolute: supervisord reads paths from its config
 LOGS="$RUN/logs"
 SECRETS="$RUN/secrets"
 PROGRAMS="$RUN/programs"

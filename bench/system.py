@@ -92,7 +92,7 @@ class RingServe:
     ) -> None:
         if any(k.startswith(PREFIX) for k in env or {}):
             raise ValueError(f"{PREFIX}* variables are settings: pass them as settings")
-        self.run_dir = run_dir
+        self.run_dir = run_dir.resolve()  # every process, and supervisord's config, name it absolutely
         self.workers = workers
         inherited = {k.removeprefix(PREFIX): v for k, v in os.environ.items() if k.startswith(PREFIX)}
         self.settings = {k: v for k, v in inherited.items() if k not in HARNESS_OWNED} | dict(settings or {})
@@ -101,7 +101,7 @@ class RingServe:
         self.env.update({PREFIX + k: str(v) for k, v in self.settings.items()})
         self.env.update(
             {
-                "RINGSERVE_RUN_DIR": str(run_dir),
+                "RINGSERVE_RUN_DIR": str(self.run_dir),
                 "RINGSERVE_PORT": str(self.port),
                 "RINGSERVE_FLOWER_PORT": str(free_port()),
                 "RINGSERVE_REDIS_PORT": str(free_port()),

@@ -232,3 +232,12 @@ def test_crashed_processes_come_back_under_load(tmp_path: Path) -> None:
         assert system.pids()["gateway"] == gateway  # granian itself never stopped
         redis.close()
     assert not supervised_pids(tmp_path / "run")
+
+
+def test_a_relative_run_directory_is_made_absolute(tmp_path: Path) -> None:
+    """supervisord resolves relative paths in its config against the config's own directory."""
+    env = {**os.environ, "RINGSERVE_RUN_DIR": "some/run"}
+    status = subprocess.run(
+        [str(ROOT / "docker-free-run.sh"), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert f"nothing runs under {tmp_path / 'some' / 'run'}" in status.stderr
