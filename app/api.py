@@ -11,12 +11,15 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 from redis.exceptions import RedisError
 
+from app import binary
 from app.errors import BadRequest, NotFound, Unauthorized, Unavailable
 from app.gateway import Gateway
 from app.openapi import document
 from app.schemas import (
     NAME_MAX_CHARS,
     Tensor,
+    check_rows,
+    flag,
     name_field,
     nest,
     parse_simple,
@@ -166,7 +169,7 @@ def simple_infer() -> Response:
 
 @api.get("/v2")
 def server_metadata() -> Response:
-    return json_response({"name": "ringserve", "version": SERVER_VERSION, "extensions": []})
+    return json_response({"name": "ringserve", "version": SERVER_VERSION, "extensions": [binary.EXTENSION]})
 
 
 @api.get("/v2/health/live")
@@ -214,20 +217,35 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
     gw = gateway()
     meta, resolved = find_model(model, version)
-    body = json_body()
+    head, blobs = binary.split(request.get_data(), request.headers.get(binary.HEADER))
+    raw = head is None  # the raw form: the whole body is the one input; every output comes back binary
+    body = {"parameters": {"binary_data_output": True}} if head is None else head
+    if raw:
+        tensors = [binary.raw_input(meta, blobs)]
+        check_rows(meta, tensors, gw.max_rows(meta))
     request_id = string_field(body.get("id"), "id")
     params = scalar_map(body.get("parameters"), "parameters")
     key = name_field(params.get("routing_key"), "parameters.routing_key")
     # Triton's convention: parameters.timeout is in microseconds.
     timeout_ms = client_timeout_ms(params.get("timeout"), 0.001, "parameters.timeout")
-    tensors, _rows = parse_v2_inputs(meta, body.get("inputs"), gw.max_rows(meta))
-    names = parse_v2_outputs(meta, body.get("outputs"))
+    if not raw:
+        tensors, _rows = parse_v2_inputs(meta, body.get("inputs"), gw.max_rows(meta), blobs)
+    wanted = parse_v2_outputs(
+        meta, body.get("outputs"), flag(params.get("binary_data_output"), "parameters.binary_data_output")
+    )
     reply = gw.infer(routing_key(key, tensors), meta, resolved, tensors, timeout_ms)
-    outputs = [
-        {"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "data": unpack(t.datatype, t.data)}
-        for t in reply.outputs
-        if names is None or t.name in names
-    ]
+    outputs: list[dict[str, Any]] = []
+    data: list[bytes] = []
+    for t in reply.outputs:
+        if t.name not in wanted:
+            continue
+        out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if wanted[t.name]:
+            out["parameters"] = {"binary_data_size": len(t.data)}
+            data.append(t.data)
+        else:
+            out["data"] = unpack(t.datatype, t.data)
+        outputs.append(out)
     response: dict[str, Any] = {
         "model_name": meta.name,
         "model_version": reply.version,
@@ -240,7 +258,10 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     }
     if request_id is not None:
         response["id"] = request_id
-    return json_response(response)
+    if not data:
+        return json_response(response)
+    payload, headers = binary.response(response, data)
+    return Response(payload, headers=headers, mimetype=binary.MEDIA_TYPE)
 
 
 @api.get("/openapi.json")

@@ -205,13 +205,29 @@ def document(models: Mapping[str, ModelMetadata], server_version: str) -> dict[s
         "description": f"routing key when the body names none (at most {NAME_MAX_CHARS} characters)",
         "schema": {"type": "string", "maxLength": NAME_MAX_CHARS},
     }
+    binary_header = {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "required": False,
+        "description": "binary tensor data extension: the body's first N bytes are the JSON request, the raw"
+        " data of every input with parameters.binary_data_size follows in input order; 0: the whole body is"
+        " the raw data of the model's one input. Outputs asked for with parameters.binary_data (or"
+        " binary_data_output) follow the response's JSON, whose length this header gives in the response",
+        "schema": {"type": "integer", "minimum": 0},
+    }
     v2_infer = operation(
         "Open Inference Protocol inference",
         "the requested outputs",
         ref("V2InferResponse"),
         INFER_ERRORS,
-        parameters=[routing_header],
-        requestBody={"required": True, "content": json_content(ref("V2InferRequest"))},
+        parameters=[routing_header, binary_header],
+        requestBody={
+            "required": True,
+            "content": {
+                **json_content(ref("V2InferRequest")),
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
     )
     model_meta = operation("model metadata", "inputs, outputs, versions", ref("ModelMetadata"), (401, 404, 405))
     model_ready = operation("model readiness", "the model can be served", ref("ModelReady"), (401, 404, 405, 503))

@@ -158,7 +158,58 @@ def parse_simple(meta: ModelMetadata, data: Any, max_rows: int) -> SimpleInput:
     return SimpleInput([t], check_rows(meta, [t], max_rows), single)
 
 
-def parse_v2_inputs(meta: ModelMetadata, raw_inputs: Any, max_rows: int) -> tuple[list[Tensor], int]:
+class Blobs:
+    """The binary part of a request body, handed out input by input in order."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._at = 0
+
+    def take(self, size: int, name: str) -> bytes:
+        if size > len(self._data) - self._at:
+            left = len(self._data) - self._at
+            raise BadRequest(f"input {name!r}: binary_data_size {size} but only {left} bytes of binary data are left")
+        chunk = bytes(self._data[self._at : self._at + size])
+        self._at += size
+        return chunk
+
+    def rest(self) -> bytes:
+        return self.take(len(self._data) - self._at, "the raw body")
+
+    def finish(self) -> None:
+        """Every byte must belong to an input."""
+        left = len(self._data) - self._at
+        if left:
+            raise BadRequest(f"{left} bytes of binary data after the last binary input")
+
+
+def binary_size(parameters: dict[str, Any], name: str) -> int | None:
+    """An input's ``binary_data_size``: None when it sends JSON ``data`` instead."""
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if type(size) is not int or size < 0:
+        raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer, not {shown(size)}")
+    return size
+
+
+def binary_tensor(spec: TensorSpec, shape: tuple[int, ...], data: bytes) -> Tensor:
+    """An input's raw bytes, checked against its declared shape and datatype."""
+    if len(shape) != len(spec.shape) or tuple(shape[1:]) != spec.row_shape or shape[0] < 1:
+        raise BadRequest(f"input {spec.name!r}: shape {list(shape)} does not match the model's {list(spec.shape)}")
+    expected = math.prod(shape) * DATATYPES[spec.datatype].itemsize
+    if len(data) != expected:
+        raise BadRequest(
+            f"input {spec.name!r}: shape {list(shape)} of {spec.datatype} takes {expected} bytes, got {len(data)}"
+        )
+    if spec.datatype == "BOOL" and data.translate(None, b"\x00\x01"):
+        raise BadRequest(f"input {spec.name!r}: BOOL data must be bytes 0 or 1")
+    return Tensor(spec.name, spec.datatype, shape, data)
+
+
+def parse_v2_inputs(
+    meta: ModelMetadata, raw_inputs: Any, max_rows: int, blobs: Blobs | None = None
+) -> tuple[list[Tensor], int]:
     """Open Inference Protocol ``inputs``: every declared input, once, with matching datatype."""
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty list")
@@ -180,25 +231,33 @@ def parse_v2_inputs(meta: ModelMetadata, raw_inputs: Any, max_rows: int) -> tupl
         shape = raw.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise BadRequest(f"input {name!r}: shape must be a list of integers")
-        scalar_map(raw.get("parameters"), f"inputs[{i}].parameters")
+        size = binary_size(scalar_map(raw.get("parameters"), f"inputs[{i}].parameters"), name)
+        if size is not None:
+            if "data" in raw:
+                raise BadRequest(f"input {name!r}: both data and binary_data_size")
+            given[spec.name] = binary_tensor(spec, tuple(shape), (blobs or Blobs(b"")).take(size, name))
+            continue
         if "data" not in raw:
             raise BadRequest(f"input {name!r}: no data")
         given[spec.name] = tensor(spec, raw["data"], tuple(shape))
     missing = sorted(set(specs) - set(given))
     if missing:
         raise BadRequest(f"missing inputs: {missing}")
+    if blobs is not None:
+        blobs.finish()
     tensors = [given[s.name] for s in meta.inputs]
     return tensors, check_rows(meta, tensors, max_rows)
 
 
-def parse_v2_outputs(meta: ModelMetadata, raw_outputs: Any) -> list[str] | None:
-    """The outputs a v2 request asks for, by name (None: all): objects with a declared ``name``."""
+def parse_v2_outputs(meta: ModelMetadata, raw_outputs: Any, binary: bool = False) -> dict[str, bool]:
+    """The outputs a v2 request asks for (all when it names none), each with whether it wants it as
+    binary data (``parameters.binary_data``; ``binary`` is the request's ``binary_data_output``)."""
     if raw_outputs is None:
-        return None
+        return {o.name: binary for o in meta.outputs}
     if not isinstance(raw_outputs, list):
         raise BadRequest(f"'outputs' must be a list, not {shown(raw_outputs)}")
     declared = [o.name for o in meta.outputs]
-    names: list[str] = []
+    names: dict[str, bool] = {}
     for i, raw in enumerate(raw_outputs):
         if not isinstance(raw, dict):
             raise BadRequest(f"outputs[{i}] must be an object with a name, not {shown(raw)}")
@@ -207,9 +266,19 @@ def parse_v2_outputs(meta: ModelMetadata, raw_outputs: Any) -> list[str] | None:
             raise BadRequest(f"outputs[{i}].name must be a string, not {shown(name)}")
         if name not in declared:
             raise BadRequest(f"unknown outputs: {shown(name)}; model {meta.name!r} has {declared}")
-        scalar_map(raw.get("parameters"), f"outputs[{i}].parameters")
-        names.append(name)
+        params = scalar_map(raw.get("parameters"), f"outputs[{i}].parameters")
+        wanted = params.get("binary_data")
+        names[name] = binary if wanted is None else flag(wanted, f"outputs[{i}].parameters.binary_data")
     return names
+
+
+def flag(value: Any, field: str) -> bool:
+    """``binary_data`` or ``binary_data_output``: a boolean when given."""
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise BadRequest(f"{field} must be a boolean, not {shown(value)}")
+    return value
 
 
 def unpack(datatype: str, data: bytes) -> list[Any]:

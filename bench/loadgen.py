@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench.keys import KeySpace
-from bench.payload import Bodies
+from bench.payload import BinaryBodies, Bodies
 from bench.progress import Progress
 from bench.record import NO_RESPONSE, Record
 from bench.transport import Connection, HttpError, connection
@@ -58,7 +58,7 @@ class Load:
         if self.concurrent < 1 or self.processes < 1 or self.processes > self.concurrent:
             raise ValueError(f"need 1 <= processes <= concurrent, got {self.processes} and {self.concurrent}")
 
-    def target(self, bodies: Bodies) -> str:
+    def target(self, bodies: Bodies | BinaryBodies) -> str:
         """The URL to POST: ``url`` itself when it has a path, else ``url`` + the API's path."""
         return self.url if urlsplit(self.url).path not in ("", "/") else self.url.rstrip("/") + bodies.path
 

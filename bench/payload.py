@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tasks.contract import DATATYPES
 from tasks.metadata import ModelMetadata
 
 APIS = ("infer", "v2")
+BINARY = "binary"  # v2 with the binary tensor extension, as tritonclient sends it (wrk only)
+BINARY_HEADER = "Inference-Header-Content-Length"
 POOL_ROWS = 256
 DIGITS_MAX_PIXEL = 16  # digits takes 8x8 intensities 0..16
 
@@ -79,3 +82,31 @@ class Bodies:
             return Reply("output" in doc, doc.get("node"), doc.get("batch_size"), doc.get("cached"))
         params = doc.get("parameters") or {}
         return Reply("outputs" in doc, params.get("node"), params.get("batch_size"), params.get("cached"))
+
+
+class BinaryBodies:
+    """Request bodies exactly as ``tritonclient[http]`` builds them with its defaults (binary input,
+    binary outputs: ``InferenceServerClient.generate_request_body``), one row each, from the same
+    seeded rows as :class:`Bodies`. There is no routing key: the gateway hashes the input bytes."""
+
+    def __init__(self, meta: ModelMetadata, seed: int = 0, pool: int = POOL_ROWS) -> None:
+        import tritonclient.http as triton  # a test and benchmark dependency (requirements-dev.txt)
+
+        self.api = BINARY
+        self.path = f"/v2/models/{meta.name}/infer"
+        spec = meta.inputs[0]
+        dtype = np.dtype("<" + DATATYPES[spec.datatype].numpy)
+        self._requests: list[tuple[bytes, dict[str, str]]] = []
+        for row in input_rows(meta, pool, seed):
+            given = triton.InferInput(spec.name, [1, spec.row_size], spec.datatype)
+            given.set_data_from_numpy(np.asarray([row], dtype=dtype))
+            body, json_size = triton.InferenceServerClient.generate_request_body([given])
+            self._requests.append((body, {BINARY_HEADER: str(json_size)}))
+
+    def request(self, index: int) -> tuple[bytes, dict[str, str]]:
+        """The body and the headers it needs."""
+        return self._requests[index % len(self._requests)]
+
+
+def bodies_for(meta: ModelMetadata, api: str, seed: int = 0) -> Bodies | BinaryBodies:
+    return BinaryBodies(meta, seed) if api == BINARY else Bodies(meta, api, seed)

@@ -327,6 +327,8 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         lines += _redis_restart_lines(findings["redis-restart"])
     if "soak" in findings:
         lines += _soak_lines(findings["soak"])
+    if "binary" in findings:
+        lines += _binary_lines(findings["binary"])
     if "floor" in findings:
         fl = findings["floor"]
         lines += [
@@ -406,4 +408,21 @@ def _compare_lines(c: dict[str, Any]) -> list[str]:
             f"     {p['label']:<36} {_n(p['throughput_rps'], 0):>10}  p99 {_n(p['p99_ms'], 2):>7}"
             f"  {p['server_cpu_ms_per_request']:.3f}  ({rounds})"
         )
+    return lines
+
+
+def _binary_lines(f: dict[str, Any]) -> list[str]:
+    lines = [f"== binary: tritonclient's binary bytes vs v2 JSON, 1 row per request, {f['workers']} workers"]
+    for model, m in f["models"].items():
+        lines.append(
+            f"   {model}: in-process ceiling {_n(m['ceiling_rows_per_s'], 0)} rows/s;"
+            f" gateway CPU JSON/binary {_n(m['gateway_cpu_json_over_binary'], 2)}x;"
+            f" throughput binary/JSON {_n(m['binary_over_json_throughput'], 2)}x"
+        )
+        for api, a in m["apis"].items():
+            lines.append(
+                f"     {api:<7} {_n(a['throughput_rps'], 0):>8} req/s  p99 {_n(a['p99_ms'], 1)} ms"
+                f"  {100 * a['share_of_ceiling']:.1f}% of the ceiling  gateway {_n(a['gateway_cpu_ms_per_request'], 3)}"
+                f" CPU ms/req  failed {a['failed']}"
+            )
     return lines

@@ -17,6 +17,7 @@ from types import FrameType
 from bench import analyze, machine
 from bench.scenarios import (
     batching,
+    binary,
     ceiling,
     client,
     compare,
@@ -51,6 +52,7 @@ SCENARIOS: dict[str, Scenario] = {
         leave.SCENARIO,
         redis_restart.SCENARIO,
         soak.SCENARIO,
+        binary.SCENARIO,
     )
 }
 RESULTS_DIR = ROOT / "bench" / "results"

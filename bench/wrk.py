@@ -21,11 +21,12 @@ from typing import Any
 
 from bench import auth
 from bench.loadgen import SATURATED_CPU_FRACTION, Load
-from bench.payload import Bodies
+from bench.payload import BinaryBodies, bodies_for
 from bench.stats import LATENCY_KEYS, balance, histogram
 from tasks.metadata import load_repository
 
 PREPARED_REQUESTS = 1000
+PREPARED_BINARY = 64  # binary bodies are written as escapes, 4 characters a byte: fewer, larger
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 QUANTILES = 200  # latency quantiles done() prints: the shape of the distribution, for the plots
 DONE_PREFIX = "bench-wrk-done: "
@@ -50,18 +51,26 @@ def available() -> bool:
 def lua_script(load: Load) -> str:
     """A wrk script that sends PREPARED_REQUESTS bodies (random keys of the load's key space) at random."""
     meta = load_repository(load.model_repository)[load.model]
-    bodies = Bodies(meta, load.api, seed=load.seed)
+    bodies = bodies_for(meta, load.api, seed=load.seed)
     path = load.target(bodies).split("/", 3)[3]
-    keys = load.keys.sample(PREPARED_REQUESTS, seed=load.seed).tolist()
+    count = PREPARED_BINARY if isinstance(bodies, BinaryBodies) else PREPARED_REQUESTS
+    keys = load.keys.sample(count, seed=load.seed).tolist()
     sent = {"Content-Type": "application/json", **auth.headers()}
-    table = ", ".join(f'["{name}"] = "{value}"' for name, value in sent.items())
-    lines = [f"local headers = {{{table}}}", "local reqs = {}", "init = function(args)"]
+    lines = [f"local headers = {_lua_table(sent)}", "local reqs = {}", "init = function(args)"]
     for i, key in enumerate(keys):
-        body = bodies.body(f"user-{key}", key).decode()
-        lines.append(f'  reqs[{i + 1}] = wrk.format("POST", "/{path}", headers, [==[{body}]==])')
+        if isinstance(bodies, BinaryBodies):  # raw bytes: a Lua string of decimal escapes, and its own header
+            raw, extra = bodies.request(key)
+            body, hdrs = '"' + "".join(f"\\{b}" for b in raw) + '"', _lua_table({**sent, **extra})
+        else:
+            body, hdrs = f"[==[{bodies.body(f'user-{key}', key).decode()}]==]", "headers"
+        lines.append(f'  reqs[{i + 1}] = wrk.format("POST", "/{path}", {hdrs}, {body})')
     lines += ["end", "request = function() return reqs[math.random(#reqs)] end"]
     lines.append(f'local quantiles, prefix = {QUANTILES}, "{DONE_PREFIX}"')
     return "\n".join(lines) + "\n" + DONE
+
+
+def _lua_table(headers: dict[str, str]) -> str:
+    return "{" + ", ".join(f'["{name}"] = "{value}"' for name, value in headers.items()) + "}"
 
 
 def parse(output: str) -> dict[str, Any]:
@@ -105,7 +114,7 @@ def run(load: Load, threads: int = 2) -> dict[str, Any]:
         raise ValueError("wrk runs for a duration: give the load one")
     seconds = max(1, math.ceil(load.duration_s))  # wrk takes whole seconds
     meta = load_repository(load.model_repository)[load.model]
-    url = load.target(Bodies(meta, load.api))
+    url = load.target(bodies_for(meta, load.api))
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(lua_script(load))

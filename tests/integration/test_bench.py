@@ -50,6 +50,7 @@ ARTIFACTS = {
     "leave": (*LOAD_ARTIFACTS, "leave_timeline.png"),
     "redis-restart": (*LOAD_ARTIFACTS, "redis_restart_timeline.png"),
     "soak": (*LOAD_ARTIFACTS, "soak_memory.png"),
+    "binary": (RESULTS_FILE, "performance_report.txt"),
 }
 RUNS = {
     "light": 1,
@@ -67,6 +68,7 @@ RUNS = {
     "leave": 1,
     "redis-restart": 1,
     "soak": 1,
+    "binary": 2,
 }
 # Settings for the tiny systems of a scenario: a crashed worker leaves the ring after 1 s, not 5.
 ENVIRONMENT = {"failover": {"RINGSERVE_MEMBER_TTL_MS": "1000"}}
@@ -221,6 +223,10 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         assert "worker_2" not in lv["requests_per_node_after"]
         check_observed_moves(lv["observed"])
         assert seen_sum(lv["observed"], "leaver_keys_moved", "moved_others") == lv["observed"]["moved"]
+    if name == "binary":
+        d = findings["binary"]["models"]["digits"]
+        assert set(d["apis"]) == {"v2", "binary"} and d["ceiling_rows_per_s"] > 0
+        assert all(a["failed"] == 0 and a["throughput_rps"] > 0 for a in d["apis"].values())
     if name == "soak":
         s = findings["soak"]
         assert {"redis_used_memory", "gateway_rss", "worker_1_rss", "redis_rss"} <= set(s["memory"])

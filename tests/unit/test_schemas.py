@@ -198,8 +198,13 @@ def test_v2_input_parameters_are_scalars() -> None:
 def test_v2_outputs_are_objects_with_a_declared_name(outputs: object, words: str) -> None:
     with pytest.raises(BadRequest, match=words):
         parse_v2_outputs(DIGITS, outputs)
-    assert parse_v2_outputs(DIGITS, [{"name": "y", "parameters": {"binary_data": False}}]) == ["y"]
-    assert parse_v2_outputs(DIGITS, None) is None
+    assert parse_v2_outputs(DIGITS, [{"name": "y", "parameters": {"binary_data": False}}]) == {"y": False}
+    assert parse_v2_outputs(DIGITS, [{"name": "y", "parameters": {"binary_data": True}}]) == {"y": True}
+    assert parse_v2_outputs(DIGITS, [{"name": "y"}], binary=True) == {"y": True}
+    assert parse_v2_outputs(DIGITS, None) == {"y": False}
+    assert parse_v2_outputs(DIGITS, None, binary=True) == {"y": True}
+    with pytest.raises(BadRequest, match="binary_data must be a boolean"):
+        parse_v2_outputs(DIGITS, [{"name": "y", "parameters": {"binary_data": 1}}])
 
 
 def test_shown_never_reprs_a_nested_value() -> None:
