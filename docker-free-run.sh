@@ -172,11 +172,16 @@ cmd_start() {
   if [ -n "${RINGSERVE_REDIS_URL:-}" ]; then log "using the Redis given by RINGSERVE_REDIS_URL"; else redis_program; fi
   secret "$SECRETS/flower.password"
   export RINGSERVE_FLOWER_PASSWORD_FILE="$SECRETS/flower.password"
-  {
-    echo "export RINGSERVE_REDIS_URL='$RINGSERVE_REDIS_URL'"
-    echo "export RINGSERVE_REDIS_PASSWORD_FILE='${RINGSERVE_REDIS_PASSWORD_FILE:-}'"
-  } >"$RUN/env"
-  chmod 600 "$RUN/env"
+  if [ "$(redact "$RINGSERVE_REDIS_URL")" = "$RINGSERVE_REDIS_URL" ]; then  # never a password at rest here
+    {
+      echo "export RINGSERVE_REDIS_URL='$RINGSERVE_REDIS_URL'"
+      echo "export RINGSERVE_REDIS_PASSWORD_FILE='${RINGSERVE_REDIS_PASSWORD_FILE:-}'"
+    } >"$RUN/env"
+    chmod 600 "$RUN/env"
+  else
+    rm -f "$RUN/env"
+    log "RINGSERVE_REDIS_URL holds a password: it is not recorded; keep it set for add-worker and status"
+  fi
   for i in $(seq 1 "$WORKERS"); do worker_program "worker_$i"; done
   program gateway 30 true "$VENV/bin/granian --interface wsgi --factory --host $HOST --port $PORT" \
     "--workers $GATEWAY_PROCESSES --blocking-threads $GATEWAY_THREADS --no-access-log" \

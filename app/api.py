@@ -20,6 +20,7 @@ from app.schemas import (
     Tensor,
     check_rows,
     flag,
+    json_object,
     name_field,
     nest,
     parse_simple,
@@ -58,13 +59,7 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def json_body() -> dict[str, Any]:
-    try:
-        body = orjson.loads(request.get_data())
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
+    return json_object(request.get_data())
 
 
 def find_model(name: str, version: str | None = None) -> tuple[ModelMetadata, str]:

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from app.errors import BadRequest
-from app.schemas import Blobs, binary_tensor, shown
+from app.schemas import Blobs, binary_tensor, json_object, shown
 from tasks.contract import DATATYPES, Tensor
 from tasks.metadata import ModelMetadata
 
@@ -29,7 +29,7 @@ MEDIA_TYPE = "application/octet-stream"
 def split(body: bytes, header_length: str | None) -> tuple[dict[str, Any] | None, Blobs]:
     """The JSON part (None for a raw single-input body) and the binary part of a request body."""
     if header_length is None:
-        return _json(body), Blobs(b"")
+        return json_object(body), Blobs(b"")
     if not header_length.isascii() or not header_length.isdigit():
         raise BadRequest(f"{HEADER} must be a non-negative integer, not {shown(header_length)}")
     n = int(header_length)
@@ -37,17 +37,7 @@ def split(body: bytes, header_length: str | None) -> tuple[dict[str, Any] | None
         raise BadRequest(f"{HEADER} is {n} but the body has only {len(body)} bytes")
     if n == 0:
         return None, Blobs(body)
-    return _json(body[:n]), Blobs(body[n:])
-
-
-def _json(data: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return body
+    return json_object(body[:n]), Blobs(body[n:])
 
 
 def raw_input(meta: ModelMetadata, blobs: Blobs) -> Tensor:

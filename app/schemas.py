@@ -19,6 +19,8 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from app.errors import BadRequest
 from tasks.contract import DATATYPES, Tensor
 from tasks.metadata import ModelMetadata, TensorSpec
@@ -51,6 +53,17 @@ def shown(value: Any) -> str:
     if isinstance(value, str):
         return repr(value if len(value) <= 80 else value[:80] + "...")
     return JSON_TYPES.get(type(value), "null")
+
+
+def json_object(data: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
 
 
 def name_field(value: Any, field: str) -> str | None:
