@@ -241,3 +241,37 @@ def test_a_relative_run_directory_is_made_absolute(tmp_path: Path) -> None:
         [str(ROOT / "docker-free-run.sh"), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
     )
     assert f"nothing runs under {tmp_path / 'some' / 'run'}" in status.stderr
+
+
+def test_an_external_redis_password_is_never_written_or_shown(tmp_path: Path) -> None:
+    """RINGSERVE_REDIS_URL with a password: the system uses it, but no file, banner or log holds it."""
+    password, port = "external-redis-pw-5e8b", free_port()
+    binary = os.environ.get("RINGSERVE_REDIS_SERVER") or "redis-server"
+    redis_server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "RINGSERVE_RUN_DIR": str(run_dir),
+        "RINGSERVE_PORT": str(free_port()),
+        "RINGSERVE_FLOWER_PORT": str(free_port()),
+        "RINGSERVE_WORKERS": "1",
+        "RINGSERVE_REDIS_URL": f"redis://:{password}@127.0.0.1:{port}/0",
+    }
+    script = str(ROOT / "docker-free-run.sh")
+    try:
+        wait_until(lambda: Redis(port=port).config_set("requirepass", password), 10, "the external Redis")
+        started = subprocess.run([script], env=env, capture_output=True, text=True, timeout=240)
+        assert started.returncode == 0, started.stderr + started.stdout
+        assert "redis://:***@127.0.0.1" in started.stdout
+        assert not (run_dir / "env").exists() and not (run_dir / "programs" / "redis.conf").exists()
+        logs = "\n".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.log"))
+        assert password not in started.stdout + started.stderr + logs + command_lines()
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        redis_server.kill()
+        redis_server.wait()
