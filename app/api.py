@@ -201,8 +201,16 @@ def model_metadata(model: str, version: str | None = None) -> Response:
 @api.get("/v2/models/<model>/versions/<version>/ready")
 def model_ready(model: str, version: str | None = None) -> Response:
     meta, resolved = find_model(model, version)
-    if not gateway().ready:
+    gw = gateway()
+    if not gw.ready:
         raise Unavailable(f"model {meta.name!r} is not ready: no worker is alive")
+    if meta.sharding is not None:
+        try:
+            why = gw.unready_shards(meta, resolved)
+        except RedisError as exc:
+            raise Unavailable(f"model {meta.name!r}: readiness unknown ({exc})") from None
+        if why is not None:
+            raise Unavailable(f"model {meta.name!r} is not ready: {why}")
     return json_response({"name": meta.name, "version": resolved, "ready": True})
 
 
@@ -290,6 +298,7 @@ def stats() -> Response:
     try:
         routed, batches, errors, expired, dropped, spilled, *depths = pipe.execute()
         all_rows = reported_rows(gw.redis)
+        shards = gw.shard_reports()
     except RedisError as exc:
         raise Unavailable(f"statistics unavailable: {exc}") from None
 
@@ -304,6 +313,7 @@ def stats() -> Response:
             "errors_by_status": ints(errors),
             "expired_skipped_per_node": ints(expired),
             "dropped_messages": ints(dropped),
+            "shards": {node: {t: s.wire() for t, s in tables.items()} for node, tables in shards.items()},
             "open_breakers_this_process": router.open_breakers(),
             "threads_this_process": gw.threads(),
             "refused_for_memory_this_process": gw.dispatcher.refused_for_memory,

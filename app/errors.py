@@ -41,6 +41,12 @@ class TooManyRequests(RingserveError):
     retry_after_s = 1
 
 
+class BadGateway(RingserveError):
+    """A worker's answer does not fit its request (a fault of ours, never of the client's)."""
+
+    status = 502
+
+
 class Unavailable(RingserveError):
     status = 503
     retry_after_s = 1

@@ -136,19 +136,26 @@ class Router:
         with self._lock:
             return self._breaker.open_nodes()
 
-    def acquire(self, key: str, rows: int = 1, floor_rows: int = 0) -> Lease:
+    def placements(self, positions: list[int]) -> list[tuple[str, ...]]:
+        """The first two nodes clockwise from each ring position, on the ring requests are routed by."""
+        with self._lock:
+            self._follow_exclusions()
+            return [tuple(self._ring.preference_hash(p, 2)) for p in positions]
+
+    def acquire(self, key: str, rows: int = 1, floor_rows: int = 0, position: int | None = None) -> Lease:
         """The node for a request of ``rows`` rows under ``key``, counted until :meth:`release`.
 
         Bounded loads count rows in flight and engage only above ``floor_rows`` per worker (one
         batch of the request's model): while a worker's rows fit in a batch, a key meets its
-        owner. If the node's breaker is half-open, this request becomes its probe and the node
-        leaves the ring until the probe is released.
+        owner. A request given a ring ``position`` (rows of a sharded table) goes to its owner:
+        only the holders of those rows have them. If the node's breaker is half-open, this
+        request becomes its probe and the node leaves the ring until the probe is released.
         """
         with self._lock:
             self._follow_exclusions()
-            owner = self._ring.lookup(key)
+            owner = self._ring.lookup(key) if position is None else self._ring.lookup_hash(position)
             node = owner
-            if self._load_factor >= 1:
+            if self._load_factor >= 1 and position is None:
                 loads = self._rows
                 if self._clock() - self._others_at < OTHERS_FRESH_S:
                     loads = self._rows + self._others_rows

@@ -92,6 +92,7 @@ class Call:
     tensors: list[Tensor]
     deadline: float  # time.monotonic() of this process
     floor_rows: int  # one batch of its model: bounded loads engage only above it
+    position: int | None = None  # rows of a sharded table: the ring position they are routed by
     lease: Lease | None = None  # the worker it was sent to, while it holds it
     reply: Reply | None = None  # the worker's answer
     error: RingserveError | None = None  # or the gateway's own verdict
@@ -146,9 +147,7 @@ def chunks(calls: list[Call], max_bytes: int) -> list[list[Call]]:
 
 
 class Dispatcher:
-    def __init__(
-        self, redis: Redis, router: Router, queue_grace_s: float, message_bytes: int = MESSAGE_BYTES
-    ) -> None:
+    def __init__(self, redis: Redis, router: Router, queue_grace_s: float, message_bytes: int = MESSAGE_BYTES) -> None:
         self.gateway_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.reply_key = reply_key(self.gateway_id)
         self.router = router
@@ -188,11 +187,19 @@ class Dispatcher:
         return len(self._pending)
 
     def submit(
-        self, key: str, model: str, version: str, tensors: list[Tensor], deadline: float, floor_rows: int
+        self,
+        key: str,
+        model: str,
+        version: str,
+        tensors: list[Tensor],
+        deadline: float,
+        floor_rows: int,
+        position: int | None = None,
     ) -> Call:
         """Route and queue one request. Raises EmptyRingError or WorkerFull."""
-        call = Call(f"{self.gateway_id}:{next(self._ids)}", key, model, version, tensors, deadline, floor_rows)
-        call.lease = self.router.acquire(key, call.rows, floor_rows)
+        call_id = f"{self.gateway_id}:{next(self._ids)}"
+        call = Call(call_id, key, model, version, tensors, deadline, floor_rows, position)
+        call.lease = self.router.acquire(key, call.rows, floor_rows, position)
         with self._lock:
             self._pending[call.id] = call
         self._outbox.put(call)
@@ -261,7 +268,7 @@ class Dispatcher:
             if call.lease is not None:
                 self.router.release(call.lease, ok=None)
             try:
-                call.lease = self.router.acquire(call.key, call.rows, call.floor_rows)
+                call.lease = self.router.acquire(call.key, call.rows, call.floor_rows, call.position)
             except Exception as exc:  # no worker left, or all full: answer now
                 call.lease = None
                 self._fail([call], Unavailable(f"its worker {why} and no other can take it ({type(exc).__name__})"))

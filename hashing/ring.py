@@ -112,16 +112,30 @@ class Ring:
         """The owner of ``key``: the node of the first point at or after ``hash(key)``, wrapping."""
         return self._ring[self._start(key)][1]
 
+    def lookup_hash(self, position: int) -> str:
+        """The owner of a key whose hash is ``position`` (keys hashed elsewhere, e.g. table row ids)."""
+        return self._ring[self._index(position)][1]
+
+    def preference_hash(self, position: int, n: int) -> list[str]:
+        """:meth:`preference_list` of a key whose hash is ``position``."""
+        return self._first_distinct(self._index(position), n)
+
+    def arcs(self) -> tuple[list[int], list[str]]:
+        """Every point, ascending, and the node each belongs to: for owning many keys at once."""
+        return list(self._points), [node_id for _, node_id in self._ring]
+
     def preference_list(self, key: bytes | str, n: int) -> list[str]:
         """The owner of ``key`` then the next distinct nodes clockwise: ``min(n, len(self))`` ids.
 
         Used for replicas and fail-over; ``n <= 0`` gives an empty list.
         """
-        if n <= 0:
-            self._start(key)  # an empty ring still raises
-            return []
+        return self._first_distinct(self._start(key), n)
+
+    def _first_distinct(self, start: int, n: int) -> list[str]:
         chosen: list[str] = []
-        for node_id in self._successors(key):
+        if n <= 0:
+            return chosen
+        for node_id in self._successors_from(start):
             chosen.append(node_id)
             if len(chosen) == n:
                 break
@@ -173,14 +187,21 @@ class Ring:
 
     def _start(self, key: bytes | str) -> int:
         """Index in ``_ring`` of the first point at or after ``hash(key)``, wrapping to 0."""
+        return self._index(self._hash(key))
+
+    def _index(self, position: int) -> int:
+        """Index in ``_ring`` of the first point at or after ``position``, wrapping to 0."""
         if not self._ring:
             raise EmptyRingError("cannot look up a key in an empty ring")
-        index = bisect_left(self._points, self._hash(key))
+        index = bisect_left(self._points, position)
         return 0 if index == len(self._points) else index
 
     def _successors(self, key: bytes | str) -> Iterator[str]:
         """Distinct nodes clockwise from the owner of ``key``; every node exactly once."""
-        start = self._start(key)
+        return self._successors_from(self._start(key))
+
+    def _successors_from(self, start: int) -> Iterator[str]:
+        """Distinct nodes clockwise from the point at index ``start``; every node exactly once."""
         seen: set[str] = set()
         size = len(self._ring)
         for offset in range(size):

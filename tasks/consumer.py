@@ -35,7 +35,7 @@ from celery.worker.state import maybe_shutdown
 from redis import Redis
 from redis.exceptions import RedisError
 
-from hashing.membership import Member, Membership
+from hashing.membership import Follower, Member, Membership
 from tasks.batching import Batch, BatchPolicy, Collector
 from tasks.contract import (
     ANNOUNCEMENTS,
@@ -55,12 +55,15 @@ from tasks.contract import (
     Tensor,
     decode_envelope,
     encode_replies,
+    encode_shard_statuses,
     node_id_from_hostname,
     queue_name,
+    shard_status_key,
 )
 from tasks.engine import InputError, Model
 from tasks.repository import Repository, UnknownModelError
 from tasks.settings import Settings
+from tasks.shards import ShardKeeper
 from tasks.transport import DROPS
 
 log = logging.getLogger(__name__)
@@ -141,6 +144,8 @@ class Server:
         self._connection_errors: tuple[type[BaseException], ...] = ()
         self._loaded = False
         self._server_id: str | None = None
+        self.keeper: ShardKeeper | None = None  # while some model has a sharded table
+        self._follower: Follower | None = None  # membership, for the keeper
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -155,6 +160,7 @@ class Server:
         if not self._loaded:
             started = time.perf_counter()
             self.repository.load_all()
+            self._keep_shards()
             self._loaded = True
             log.info(
                 "node %s: loaded %s in %.2f s",
@@ -177,13 +183,70 @@ class Server:
         log.info("node %s: serving %s", self.node_id, own_queue)
         return self.on_message
 
+    def _keep_shards(self) -> None:
+        """Follow membership so that every sharded table holds our rows of the ring (:mod:`tasks.shards`).
+
+        The rows load on the keeper's thread after we announce ourselves: until they are in,
+        the rows asked of us are read from the table file, and readiness says they are loading.
+        """
+        shards = self.repository.shards()
+        if not shards:
+            return
+        s = self.settings
+        self.keeper = ShardKeeper(
+            self.node_id,
+            s.node_weight,
+            s.vnodes,
+            shards,
+            not s.sharding,
+            s.shard_settle_ms / 1000,
+            s.shard_grace_ms / 1000,
+            self._report_shards,
+        )
+        follower = Follower(
+            self.membership, s.ring_refresh_ms, self._follow, lambda: None, lambda lost: None, self._follow
+        )
+        follower.poll()
+        self._follower = follower
+        self.keeper.start(self._live(follower))
+        follower.start()
+
+    @staticmethod
+    def _live(follower: Follower) -> dict[str, float]:
+        """Members that still beat, by weight: the ring whose rows we hold."""
+        return {n: m.weight for n, m in follower.members.items() if n not in follower.silent}
+
+    def _follow(self, _: object) -> None:
+        if self.keeper is not None and self._follower is not None:
+            self.keeper.follow(self._live(self._follower))
+
+    def _report_shards(self) -> None:
+        """Say which rows we hold, for as long as our announcement lives; a dead keeper says nothing
+        (so gateways see the model unready)."""
+        if self.keeper is None:
+            return
+        key = shard_status_key(self.node_id)
+        try:
+            if self.keeper.alive or not self._loaded:
+                self.redis.set(key, encode_shard_statuses(self.keeper.statuses()), px=self.settings.member_ttl_ms)
+            else:
+                self.redis.delete(key)
+        except RedisError as exc:
+            log.warning("node %s: shard report failed: %s", self.node_id, exc)
+
     def stop(self) -> None:
-        """Leave the ring first, then answer everything still held."""
+        """Leave the ring first, then answer everything still held.
+
+        Celery also stops (and restarts) this step when the broker connection drops, so the
+        tables and their keeper stay: they are the process's, not the connection's.
+        """
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
         try:
             self.membership.leave(self.node_id)
+            if self.keeper is not None:
+                self.redis.delete(shard_status_key(self.node_id))
             log.info("node %s: left the ring", self.node_id)
         except RedisError as exc:
             log.warning("node %s: could not leave the ring (%s); it will expire", self.node_id, exc)
@@ -204,6 +267,7 @@ class Server:
                 log.warning("node %s: Redis is a new server (its data is gone); announcing again", self.node_id)
             self._server_id = server_id
             self.membership.announce(self.node_id, self.member)
+            self._report_shards()
             self.redis.persist(queue_name(self.node_id))  # ours again: gateways let departed queues expire
             if dropped:
                 self.redis.hincrby(STATS_DROPPED_KEY, self.node_id, dropped)

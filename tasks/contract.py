@@ -20,12 +20,15 @@ A worker answers on ``reply_to`` with one msgpack blob per batch and gateway::
     reply  = {"id": str, "node": str, "batch_size": int, "version": str, "outputs": [tensor, ...]}
            | {"id": str, "node": str, "error": kind, "message": str}
 
-Membership announcements (``ringserve:member:<node id>``) are JSON, see :class:`Announcements`.
+Membership announcements (``ringserve:member:<node id>``) are JSON, see :class:`Announcements`;
+so are the workers' reports of the table rows they hold (``ringserve:shards:<node id>``), see
+:class:`ShardStatus`.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import json
 import logging
@@ -78,6 +81,11 @@ def member_key(node_id: str) -> str:
 def gateway_load_key(gateway_id: str) -> str:
     """Hash node -> rows one gateway process has in flight there (expires unless refreshed)."""
     return KEY_PREFIX + "load:" + gateway_id
+
+
+def shard_status_key(node_id: str) -> str:
+    """Where a worker reports the sharded table rows it holds (JSON, expires with its announcement)."""
+    return f"{KEY_PREFIX}shards:{node_id}"
 
 
 def reply_key(gateway_id: str) -> str:
@@ -236,6 +244,17 @@ def _version(body: dict[Any, Any], what: str) -> None:
     v = body.get("v")
     if v != CONTRACT_VERSION:
         raise ContractError(f"{what} of contract version {v!r}; this process speaks {CONTRACT_VERSION}")
+
+
+def _json_message(raw: bytes | str, what: str) -> dict[Any, Any]:
+    """A JSON object of this contract version."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        raise ContractError(f"{what} is not JSON: {type(exc).__name__}") from None
+    body = _map(body, what)
+    _version(body, what)
+    return body
 
 
 def _tensor(value: Any) -> Tensor:
@@ -426,6 +445,64 @@ def decode_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
     return {k.decode(errors="replace"): int(v) for k, v in raw.items() if v.lstrip(b"-").isdigit()}
 
 
+# -- sharded tables ------------------------------------------------------------------------
+
+WHOLE_TABLE = "*"  # a ShardStatus.ring that holds every row (a worker with sharding off)
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """What one worker holds of one sharded table, as it counted it.
+
+    ``ring``: the digest of the ring view (:func:`hashing.shards.ring_digest`) whose rows it
+    has finished loading, or :data:`WHOLE_TABLE`. ``loaded`` and ``dropped`` are cumulative
+    rows; ``read_through``: rows it served from the table file because it did not hold them;
+    ``load_s``: how long its last load took.
+    """
+
+    ring: str
+    held: int
+    loaded: int
+    dropped: int
+    read_through: int
+    load_s: float
+
+    def wire(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def shard_table_name(model: str, version: str) -> str:
+    """How a report names a model version's sharded table: ``"ranker/1"``."""
+    return f"{model}/{version}"
+
+
+def encode_shard_statuses(statuses: dict[str, ShardStatus]) -> bytes:
+    return json.dumps({"v": CONTRACT_VERSION, "tables": {n: s.wire() for n, s in statuses.items()}}).encode()
+
+
+def decode_shard_statuses(raw: bytes | str) -> dict[str, ShardStatus]:
+    """A worker's report, validated; raises ContractError."""
+    body = _json_message(raw, "a shard report")
+    statuses: dict[str, ShardStatus] = {}
+    for name, entry in _map(body.get("tables"), "tables").items():
+        entry = _map(entry, "a table's report")
+        load_s: Any = entry.get("load_s")
+        try:
+            load_s = float(load_s) if type(load_s) in (int, float) else math.nan
+        except OverflowError:  # an integer beyond any float
+            load_s = math.nan
+        if not (math.isfinite(load_s) and load_s >= 0):
+            raise ContractError("load_s must be a finite number >= 0")
+        held, loaded, dropped, read_through = (
+            _int(entry.get(k), k) for k in ("held", "loaded", "dropped", "read_through")
+        )
+        if min(held, loaded, dropped, read_through) < 0:
+            raise ContractError("row counts must be >= 0")
+        ring = _name(entry.get("ring"), "ring")
+        statuses[_name(name, "a table name")] = ShardStatus(ring, held, loaded, dropped, read_through, load_s)
+    return statuses
+
+
 # -- membership announcements ---------------------------------------------------------------
 
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -462,12 +539,7 @@ class Announcements:
 
     @staticmethod
     def decode(raw: bytes) -> Member:
-        try:
-            body = json.loads(raw)
-        except ValueError as exc:
-            raise ContractError(f"not JSON: {exc}") from None
-        body = _map(body, "an announcement")
-        _version(body, "an announcement")
+        body = _json_message(raw, "an announcement")
         weight: Any = body.get("weight")
         if type(weight) not in (int, float):
             raise ContractError("weight must be a number")

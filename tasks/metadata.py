@@ -42,6 +42,20 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Sharding:
+    """A table split over the workers by the ring: row ``i`` lives with the holders of id ``i``.
+
+    ``by`` names the INT64 input (one id per row) whose values pick the table's rows;
+    ``replicas`` workers hold each row (its owner and the next ones clockwise).
+    """
+
+    table: str
+    by: str
+    rows: int
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     name: str
     versions: tuple[str, ...]
@@ -53,6 +67,7 @@ class ModelMetadata:
     batch_idle_ms: float | None
     config: dict[str, Any]  # the whole file, for the engine
     path: Path
+    sharding: Sharding | None = None
 
     def resolve_version(self, version: str | None) -> str | None:
         """The version to serve, or None when it does not exist."""
@@ -89,18 +104,37 @@ def load_metadata(model_dir: Path) -> ModelMetadata:
     if default_version not in versions:
         raise ModelConfigError(f"{path}: default_version {default_version} is not in {versions}")
     batching = config.get("batching", {})
+    inputs = tuple(_tensor(t, f"{path} input") for t in config.get("inputs", []))
     return ModelMetadata(
         name=name,
         versions=versions,
         default_version=default_version,
-        inputs=tuple(_tensor(t, f"{path} input") for t in config.get("inputs", [])),
+        inputs=inputs,
         outputs=tuple(_tensor(t, f"{path} output") for t in config.get("outputs", [])),
         max_batch_size=batching.get("max_batch_size"),
         max_delay_ms=batching.get("max_delay_ms"),
         batch_idle_ms=batching.get("idle_ms"),
         config=config,
         path=model_dir,
+        sharding=_sharding(config.get("sharding"), inputs, f"{path} sharding"),
     )
+
+
+def _sharding(raw: Any, inputs: tuple[TensorSpec, ...], where: str) -> Sharding | None:
+    if raw is None:
+        return None
+    try:
+        sharding = Sharding(str(raw["table"]), str(raw["by"]), raw["rows"], raw.get("replicas", 1))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ModelConfigError(f"{where}: needs table, by, rows and optionally replicas ({exc})") from None
+    if type(sharding.rows) is not int or type(sharding.replicas) is not int:
+        raise ModelConfigError(f"{where}: rows and replicas must be integers")
+    by = [spec for spec in inputs if spec.name == sharding.by]
+    if not by or by[0].datatype != "INT64" or by[0].shape != (-1,):
+        raise ModelConfigError(f"{where}: 'by' must name an INT64 input of shape [-1], got {sharding.by!r}")
+    if sharding.rows < 1 or sharding.replicas < 1:
+        raise ModelConfigError(f"{where}: rows and replicas must be >= 1")
+    return sharding
 
 
 def load_repository(root: str | Path) -> dict[str, ModelMetadata]:

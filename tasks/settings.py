@@ -37,6 +37,8 @@ RING_REFRESH_MS = 250
 REPLY_TTL_S = 60
 QUEUE_GRACE_S = 60
 PREFETCH_MESSAGES = 256
+SHARD_GRACE_MS = 2_000
+SHARD_SETTLE_MS = 1_000
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ class Settings:
     reply_ttl_s: int = REPLY_TTL_S
     queue_grace_s: int = QUEUE_GRACE_S
     prefetch_messages: int = PREFETCH_MESSAGES
+    sharding: bool = True  # off: a worker holds whole tables (the unsharded baseline)
+    shard_settle_ms: int = SHARD_SETTLE_MS  # membership must hold still this long before a load
+    shard_grace_ms: int = SHARD_GRACE_MS  # rows a worker no longer owns are kept this long
     api_keys: tuple[str, ...] = field(default_factory=tuple, repr=False)
 
     @classmethod

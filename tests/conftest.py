@@ -13,11 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from redis import Redis
 
 from hashing.membership import Membership
@@ -162,6 +166,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "RINGSERVE_MAX_DELAY_MS": str(settings.max_delay_ms),
         "RINGSERVE_BATCH_IDLE_MS": str(settings.batch_idle_ms),
         "RINGSERVE_MODEL_REPOSITORY": settings.model_repository,
+        "RINGSERVE_SHARDING": str(settings.sharding),
+        "RINGSERVE_SHARD_SETTLE_MS": str(settings.shard_settle_ms),
+        "RINGSERVE_SHARD_GRACE_MS": str(settings.shard_grace_ms),
     }
 
 
@@ -234,3 +241,45 @@ def cluster_factory(redis_server: RedisServer, tmp_path: Path) -> Iterator[Calla
     yield make
     for cluster in made:
         cluster.close()
+
+
+class ClosedLoop:
+    """Clients that each send one request after another, on threads of their own, until stopped.
+
+    ``send(client, n, i)`` sends request ``i`` of client ``n`` and returns ``(status, node)``;
+    every answer lands in ``results``.
+    """
+
+    def __init__(self, app: Flask, clients: int) -> None:
+        self.app = app
+        self.results: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(n,)) for n in range(clients)]
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def send(self, client: FlaskClient, n: int, i: int) -> tuple[int, str | None]:
+        raise NotImplementedError
+
+    def _loop(self, n: int) -> None:
+        client = self.app.test_client()
+        i = 0
+        while not self._stop.is_set():
+            self.results.append(self.send(client, n, i))
+            i += 1
+
+    def wait_for(self, count: int) -> None:
+        start = len(self.results)
+        wait_until(lambda: len(self.results) >= start + count, 60, f"{count} more answers")
+
+    def failed(self) -> list[int]:
+        return [status for status, _ in self.results if status != 200]
+

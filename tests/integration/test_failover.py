@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from hashing.ring import Ring
 from tasks.settings import Settings
-from tests.conftest import Cluster, wait_until
+from tests.conftest import ClosedLoop, Cluster, wait_until
 
 ROW = [1.0] * 64
 
@@ -30,36 +30,15 @@ def members_seen(client: FlaskClient) -> set[str]:
     return set(client.get("/stats").json["members"])
 
 
-class Load:
+class Load(ClosedLoop):
     """Closed-loop clients posting distinct keys until stopped; every answer is recorded."""
 
     def __init__(self, app: Flask, clients: int = 4) -> None:
-        self.app = app
-        self.results: list[tuple[int, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,)) for n in range(clients)]
+        super().__init__(app, clients)
 
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self, n: int) -> None:
-        client = self.app.test_client()
-        i = 0
-        while not self._stop.is_set():
-            response = client.post("/infer", json={"key": f"load-{n}-{i}", "input": ROW})
-            self.results.append((response.status_code, (response.json or {}).get("node")))
-            i += 1
-
-    def wait_for(self, count: int) -> None:
-        start = len(self.results)
-        wait_until(lambda: len(self.results) >= start + count, 30, f"{count} more answers")
+    def send(self, client: FlaskClient, n: int, i: int) -> tuple[int, str | None]:
+        response = client.post("/infer", json={"key": f"load-{n}-{i}", "input": ROW})
+        return response.status_code, (response.json or {}).get("node")
 
 
 def start_gateway(cluster: Cluster, app_factory: Callable[[Settings], Flask]) -> tuple[Flask, FlaskClient]:

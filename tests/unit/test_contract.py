@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from hashing.membership import MAX_WEIGHT, Member
 from tasks.contract import (
     ANNOUNCEMENTS,
     CONTRACT_VERSION,
+    WHOLE_TABLE,
     BadItem,
     ContractError,
     Drops,
@@ -21,12 +23,17 @@ from tasks.contract import (
     Failure,
     Item,
     Result,
+    ShardStatus,
     Tensor,
     decode_envelope,
     decode_replies,
+    decode_shard_statuses,
     encode_envelope,
     encode_replies,
+    encode_shard_statuses,
     reply_key,
+    shard_status_key,
+    shard_table_name,
 )
 
 REPLY_TO = reply_key("gw-1")
@@ -34,7 +41,12 @@ PIXELS = Tensor("pixels", "FP32", (2, 64), b"\0" * 512)
 
 # Any value msgpack can carry, nested.
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=40),  # noqa: E501
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=40),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=30,
 )
@@ -175,3 +187,149 @@ def test_drops_count_and_hand_over() -> None:
     for _ in range(5):
         drops.drop("junk", "because")
     assert drops.total == 5 and drops.take() == 5 and drops.take() == 0
+
+
+# --- shard reports -----------------------------------------------------------------------------
+
+STATUS: dict[str, Any] = {
+    "ring": "0123abcd0123abcd",
+    "held": 10,
+    "loaded": 12,
+    "dropped": 2,
+    "read_through": 3,
+    "load_s": 0.25,
+}
+
+# Any value JSON can carry, nested (NaN and infinities included: Python's json writes and reads them).
+json_scalars = st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+counts = st.integers(min_value=0, max_value=2**63)
+statuses = st.dictionaries(
+    st.text(min_size=1, max_size=30),
+    st.builds(
+        ShardStatus,
+        st.one_of(st.just(WHOLE_TABLE), st.text(min_size=1, max_size=16)),
+        counts,
+        counts,
+        counts,
+        counts,
+        st.floats(min_value=0, max_value=1e6),
+    ),
+    max_size=4,
+)
+
+
+def shard_report(**tables: Any) -> str:
+    return json.dumps({"v": CONTRACT_VERSION, "tables": tables})
+
+
+def test_shard_status_names() -> None:
+    assert shard_status_key("worker_1") == "ringserve:shards:worker_1"
+    assert shard_table_name("ranker", "1") == "ranker/1"
+
+
+def test_shard_statuses_round_trip() -> None:
+    sent = {"ranker/1": ShardStatus(**STATUS), "other/2": ShardStatus(WHOLE_TABLE, 5, 5, 0, 0, 0.0)}
+    raw = encode_shard_statuses(sent)
+    assert decode_shard_statuses(raw) == sent
+    assert decode_shard_statuses(raw.decode()) == sent
+    assert decode_shard_statuses(encode_shard_statuses({})) == {}
+    integral = decode_shard_statuses(shard_report(t={**STATUS, "load_s": 1}))
+    assert integral == {"t": ShardStatus(**{**STATUS, "load_s": 1.0})}
+
+
+@settings(max_examples=100, deadline=None)
+@given(statuses)
+def test_any_shard_statuses_round_trip(sent: dict[str, ShardStatus]) -> None:
+    assert decode_shard_statuses(encode_shard_statuses(sent)) == sent
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"\xff",
+        b"[]",
+        b"null",
+        json.dumps({"tables": {"t": STATUS}}),
+        json.dumps({"v": 1, "tables": {"t": STATUS}}),
+        json.dumps({"v": str(CONTRACT_VERSION), "tables": {"t": STATUS}}),
+        json.dumps({"v": CONTRACT_VERSION}),
+        json.dumps({"v": CONTRACT_VERSION, "tables": [STATUS]}),
+        shard_report(t=[1, 2]),
+        shard_report(t={k: v for k, v in STATUS.items() if k != "ring"}),
+        shard_report(t={**STATUS, "ring": ""}),
+        shard_report(t={**STATUS, "ring": 7}),
+        shard_report(t={k: v for k, v in STATUS.items() if k != "load_s"}),
+        shard_report(t={**STATUS, "load_s": math.nan}),
+        shard_report(t={**STATUS, "load_s": math.inf}),
+        shard_report(t={**STATUS, "load_s": -0.5}),
+        shard_report(t={**STATUS, "load_s": "0.5"}),
+        shard_report(t={**STATUS, "load_s": True}),
+        *(shard_report(t={**STATUS, k: -1}) for k in ("held", "loaded", "dropped", "read_through")),
+        *(shard_report(t={**STATUS, k: 1.5}) for k in ("held", "loaded", "dropped", "read_through")),
+        *(shard_report(t={**STATUS, k: "3"}) for k in ("held", "loaded", "dropped", "read_through")),
+        *(shard_report(t={**STATUS, k: True}) for k in ("held", "loaded", "dropped", "read_through")),
+        *(shard_report(t={k: v for k, v in STATUS.items() if k != gone}) for gone in ("held", "read_through")),
+        shard_report(**{"": STATUS}),
+        shard_report(**{"x" * 300: STATUS}),
+    ],
+)
+def test_bad_shard_report_raises(raw: bytes | str) -> None:
+    with pytest.raises(ContractError):
+        decode_shard_statuses(raw)
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(json_values)
+def test_any_json_is_a_shard_report_or_a_contract_error(value: Any) -> None:
+    try:
+        decode_shard_statuses(json.dumps(value))
+    except ContractError:
+        pass
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "v": st.just(CONTRACT_VERSION) | json_scalars,
+            "tables": st.dictionaries(
+                st.text(max_size=5),
+                st.dictionaries(st.sampled_from(sorted(STATUS)), json_scalars, max_size=6) | json_scalars,
+                max_size=3,
+            ),
+        },
+    )
+)
+def test_report_like_json_decodes_or_raises_contract_error(body: dict[str, Any]) -> None:
+    try:
+        decode_shard_statuses(json.dumps(body))
+    except ContractError:
+        pass
+
+
+@settings(max_examples=200, derandomize=True, database=None)
+@given(st.sampled_from(sorted(STATUS)), json_values)
+def test_one_bad_field_decodes_or_raises_contract_error(field: str, value: Any) -> None:
+    try:
+        decoded = decode_shard_statuses(shard_report(t={**STATUS, field: value}))
+    except ContractError:
+        return
+    assert getattr(decoded["t"], field) == value  # only a valid value gets through
+
+
+def test_deeply_nested_shard_report_raises_contract_error() -> None:
+    with pytest.raises(ContractError):
+        decode_shard_statuses("[" * 100_000)
+
+
+def test_huge_integer_load_s_raises_contract_error() -> None:
+    with pytest.raises(ContractError):
+        decode_shard_statuses(shard_report(t={**STATUS, "load_s": 10**400}))

@@ -218,9 +218,13 @@ def test_bad_arguments_raise_value_error() -> None:
 
 def brute_force_order(ring: Ring, nodes: list[str], key: bytes | str) -> list[str]:
     """Distinct nodes clockwise from hash(key), computed from scratch from the definition."""
+    return brute_force_order_at(ring, nodes, hash64(key))
+
+
+def brute_force_order_at(ring: Ring, nodes: list[str], h: int) -> list[str]:
+    """Distinct nodes clockwise from ring position ``h``, computed from scratch from the definition."""
     vnodes = ring.vnodes
     points = sorted((hash64(f"{node_id}#{i}"), node_id) for node_id in nodes for i in range(vnodes))
-    h = hash64(key)
     start = next((i for i, (point, _) in enumerate(points) if point >= h), 0)
     order: list[str] = []
     for _, node_id in points[start:] + points[:start]:
@@ -418,3 +422,66 @@ def test_an_item_too_big_for_every_node_goes_to_its_owner() -> None:
     assert ring.lookup_bounded("k", {"a": 100, "b": 100}, 1.0, floor=1, size=50) == ring.lookup("k")
     with pytest.raises(ValueError):
         ring.lookup_bounded("k", {}, 1.25, size=0)
+
+
+# --- positions: keys hashed elsewhere (table row ids) -------------------------------------------
+
+positions = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@fast
+@given(nodes=node_sets, key=keys, n=st.integers(min_value=0, max_value=10))
+def test_hash_lookups_agree_with_key_lookups(nodes: list[str], key: bytes | str, n: int) -> None:
+    ring = ring_of(nodes, vnodes=20)
+    assert ring.lookup_hash(hash64(key)) == ring.lookup(key)
+    assert ring.preference_hash(hash64(key), n) == ring.preference_list(key, n)
+
+
+@fast
+@given(nodes=node_sets, position=positions, n=st.integers(min_value=0, max_value=10))
+def test_preference_hash_property(nodes: list[str], position: int, n: int) -> None:
+    ring = ring_of(nodes, vnodes=20)
+    expected = brute_force_order_at(ring, nodes, position)
+    assert ring.lookup_hash(position) == expected[0]
+    assert ring.preference_hash(position, n) == expected[: max(0, n)]
+
+
+def test_a_position_belongs_to_the_first_point_at_or_after_it() -> None:
+    ring = Ring.from_nodes({"a": 1.0, "b": 1.0, "c": 1.0}, vnodes=10)
+    points, owners = ring.arcs()
+    assert len(set(points)) == len(points) and 0 < points[0] and points[-1] < 2**64 - 1
+    for i, (point, owner) in enumerate(zip(points, owners, strict=True)):
+        assert ring.lookup_hash(point) == owner
+        assert ring.lookup_hash(points[i - 1] + 1 if i else 0) == owner
+    assert ring.lookup_hash(points[-1] + 1) == owners[0]  # past the last point: wraps to the first
+    assert ring.lookup_hash(2**64 - 1) == owners[0]
+
+
+def test_arcs_are_every_point_sorted() -> None:
+    weights = {"a": 1.0, "b": 2.5, "c": 0.001}
+    ring = Ring.from_nodes(weights, vnodes=40)
+    points, owners = ring.arcs()
+    assert len(points) == len(owners) == 40 + 100 + 1
+    assert points == sorted(points)
+    expected = sorted((hash64(f"{n}#{i}"), n) for n, w in weights.items() for i in range(max(1, round(40 * w))))
+    assert list(zip(points, owners, strict=True)) == expected
+    points.clear()  # a copy: the ring is not changed through it
+    assert ring.arcs()[0] == [point for point, _ in expected]
+
+
+def test_arcs_follow_add_and_remove() -> None:
+    ring = ring_of(["a", "b"], vnodes=30)
+    ring.add("c")
+    assert len(ring.arcs()[0]) == 90 and set(ring.arcs()[1]) == {"a", "b", "c"}
+    ring.remove("a")
+    points, owners = ring.arcs()
+    assert len(points) == 60 and points == sorted(points) and set(owners) == {"b", "c"}
+
+
+def test_hash_lookups_on_an_empty_ring_raise() -> None:
+    ring = Ring()
+    assert ring.arcs() == ([], [])
+    with pytest.raises(EmptyRingError):
+        ring.lookup_hash(0)
+    with pytest.raises(EmptyRingError):
+        ring.preference_hash(0, 2)
