@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import orjson
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from redis.exceptions import RedisError
 
 from app import binary
@@ -69,6 +69,7 @@ def find_model(name: str, version: str | None = None) -> tuple[ModelMetadata, st
     resolved = meta.resolve_version(version)
     if resolved is None:
         raise NotFound(f"model {meta.name!r} has no version {shown(version)}; it has {list(meta.versions)}")
+    g.model, g.version = meta.name, resolved  # what the request's metrics are labelled with
     return meta, resolved
 
 
@@ -142,7 +143,8 @@ def simple_infer() -> Response:
     if "input" not in body:
         raise BadRequest("missing 'input'")
     parsed = parse_simple(meta, body["input"], gw.max_rows(meta))
-    reply = gw.infer(routing_key(key, parsed.tensors), meta, version, parsed.tensors, timeout_ms)
+    answer = gw.infer(routing_key(key, parsed.tensors), meta, version, parsed.tensors, timeout_ms)
+    reply = answer.result
     first = reply.outputs[0]
     values = unpack(first.datatype, first.data)
     output = values if parsed.single_row else nest(values, list(first.shape))
@@ -153,7 +155,7 @@ def simple_infer() -> Response:
             "version": reply.version,
             "node": reply.node,
             "batch_size": reply.batch_size,
-            "cached": False,
+            "cached": answer.cached,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
     )
@@ -236,7 +238,8 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     wanted = parse_v2_outputs(
         meta, body.get("outputs"), flag(params.get("binary_data_output"), "parameters.binary_data_output")
     )
-    reply = gw.infer(routing_key(key, tensors), meta, resolved, tensors, timeout_ms)
+    answer = gw.infer(routing_key(key, tensors), meta, resolved, tensors, timeout_ms)
+    reply = answer.result
     outputs: list[dict[str, Any]] = []
     data: list[bytes] = []
     for t in reply.outputs:
@@ -256,6 +259,7 @@ def v2_infer(model: str, version: str | None = None) -> Response:
         "parameters": {
             "node": reply.node,
             "batch_size": reply.batch_size,
+            "cached": answer.cached,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         },
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 from redis import Redis
 
@@ -35,6 +36,14 @@ from tasks.contract import (
 )
 from tasks.metadata import ModelMetadata, load_repository
 from tasks.settings import Settings
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :meth:`Gateway.infer` gives a route: the result, and whether it came from the response cache."""
+
+    result: Result
+    cached: bool = False
 
 
 class Gateway:
@@ -97,7 +106,7 @@ class Gateway:
 
     def infer(
         self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], timeout_ms: float | None = None
-    ) -> Result:
+    ) -> Answer:
         """Send one request to its worker and wait for its result (or raise the error it got).
 
         A sharded model's request goes to the workers that hold its rows, split if they are
@@ -114,7 +123,7 @@ class Gateway:
         deadline = time.monotonic() + limit_ms / 1000
         if meta.sharding is None:
             call = self._submit(key, meta, version, tensors, deadline, None)
-            return self._result(call, deadline, limit_ms)
+            return Answer(self._result(call, deadline, limit_ms))
         parts = split(tensors, meta.sharding, self.dispatcher.router.placements)
         calls: list[Call] = []
         try:
@@ -125,7 +134,7 @@ class Gateway:
             for call in calls:  # the answer is lost anyway: stop waiting for the other parts
                 self.dispatcher.forget(call, worker_fault=False)
             raise
-        return gather(parts, results, tensors[0].shape[0])
+        return Answer(gather(parts, results, tensors[0].shape[0]))
 
     def _submit(
         self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], deadline: float, position: int | None
