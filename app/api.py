@@ -62,15 +62,23 @@ def json_body() -> dict[str, Any]:
     return json_object(request.get_data())
 
 
-def find_model(name: str, version: str | None = None) -> tuple[ModelMetadata, str]:
-    meta = gateway().models.get(name)
+def find_model(name: str, version: str | None = None) -> tuple[ModelMetadata, str | None]:
+    """The model, and the version asked for (None when the request names none: see :func:`pick_version`)."""
+    models = gateway().models
+    meta = models.get(name)
     if meta is None:
-        raise NotFound(f"unknown model {shown(name)}; served: {sorted(gateway().models)}")
-    resolved = meta.resolve_version(version)
-    if resolved is None:
+        raise NotFound(f"unknown model {shown(name)}; served: {sorted(models)}")
+    if version is not None and version != "" and meta.resolve_version(version) is None:
         raise NotFound(f"model {meta.name!r} has no version {shown(version)}; it has {list(meta.versions)}")
-    g.model, g.version = meta.name, resolved  # what the request's metrics are labelled with
-    return meta, resolved
+    g.model, g.version = meta.name, version or ""  # what the request's metrics are labelled with
+    return meta, version or None
+
+
+def pick_version(meta: ModelMetadata, version: str | None, key: str) -> str:
+    """The version asked for, else the traffic split's choice for the routing key (sticky), else the default."""
+    chosen = version or meta.version_for(key)
+    g.version = chosen
+    return chosen
 
 
 def routing_key(explicit: str | None, tensors: list[Tensor]) -> str:
@@ -143,7 +151,8 @@ def simple_infer() -> Response:
     if "input" not in body:
         raise BadRequest("missing 'input'")
     parsed = parse_simple(meta, body["input"], gw.max_rows(meta))
-    answer = gw.infer(routing_key(key, parsed.tensors), meta, version, parsed.tensors, timeout_ms)
+    key = routing_key(key, parsed.tensors)
+    answer = gw.infer(key, meta, pick_version(meta, version, key), parsed.tensors, timeout_ms)
     reply = answer.result
     first = reply.outputs[0]
     values = unpack(first.datatype, first.data)
@@ -187,33 +196,40 @@ def ready() -> Response:
 @api.get("/v2/models/<model>")
 @api.get("/v2/models/<model>/versions/<version>")
 def model_metadata(model: str, version: str | None = None) -> Response:
-    meta, resolved = find_model(model, version)
-    return json_response(
-        {
-            "name": meta.name,
-            "versions": list(meta.versions),
-            "platform": "numpy",
-            "inputs": [t.as_json() for t in meta.inputs],
-            "outputs": [t.as_json() for t in meta.outputs],
-        }
-    )
+    meta, _ = find_model(model, version)
+    body: dict[str, Any] = {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": "numpy",
+        "inputs": [t.as_json() for t in meta.inputs],
+        "outputs": [t.as_json() for t in meta.outputs],
+    }
+    if meta.traffic_split is not None:
+        body["traffic_split"] = dict(meta.traffic_split)
+    return json_response(body)
 
 
 @api.get("/v2/models/<model>/ready")
 @api.get("/v2/models/<model>/versions/<version>/ready")
 def model_ready(model: str, version: str | None = None) -> Response:
-    meta, resolved = find_model(model, version)
+    """Ready: some live worker serves the version asked for, or every version of the split (or the default)."""
+    meta, asked = find_model(model, version)
+    versions = (asked,) if asked is not None else meta.unnamed_versions()
     gw = gateway()
     if not gw.ready:
         raise Unavailable(f"model {meta.name!r} is not ready: no worker is alive")
-    if meta.sharding is not None:
-        try:
-            why = gw.unready_shards(meta, resolved)
-        except RedisError as exc:
-            raise Unavailable(f"model {meta.name!r}: readiness unknown ({exc})") from None
-        if why is not None:
-            raise Unavailable(f"model {meta.name!r} is not ready: {why}")
-    return json_response({"name": meta.name, "version": resolved, "ready": True})
+    try:
+        unserved = gw.unserved_versions(meta, versions)
+        unready = [] if meta.sharding is None else [why for v in versions if (why := gw.unready_shards(meta, v))]
+    except RedisError as exc:
+        raise Unavailable(f"model {meta.name!r}: readiness unknown ({exc})") from None
+    if unserved:
+        raise Unavailable(f"model {meta.name!r} is not ready: no live worker serves version {', '.join(unserved)} yet")
+    if unready:
+        raise Unavailable(f"model {meta.name!r} is not ready: {'; '.join(unready)}")
+    if asked is None and meta.traffic_split is not None:
+        return json_response({"name": meta.name, "versions": list(versions), "ready": True})
+    return json_response({"name": meta.name, "version": versions[0], "ready": True})
 
 
 @api.post("/v2/models/<model>/infer")
@@ -221,7 +237,7 @@ def model_ready(model: str, version: str | None = None) -> Response:
 def v2_infer(model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
     gw = gateway()
-    meta, resolved = find_model(model, version)
+    meta, asked = find_model(model, version)
     head, blobs = binary.split(request.get_data(), request.headers.get(binary.HEADER))
     raw = head is None  # the raw form: the whole body is the one input; every output comes back binary
     body = {"parameters": {"binary_data_output": True}} if head is None else head
@@ -238,7 +254,8 @@ def v2_infer(model: str, version: str | None = None) -> Response:
     wanted = parse_v2_outputs(
         meta, body.get("outputs"), flag(params.get("binary_data_output"), "parameters.binary_data_output")
     )
-    answer = gw.infer(routing_key(key, tensors), meta, resolved, tensors, timeout_ms)
+    key = routing_key(key, tensors)
+    answer = gw.infer(key, meta, pick_version(meta, asked, key), tensors, timeout_ms)
     reply = answer.result
     outputs: list[dict[str, Any]] = []
     data: list[bytes] = []
@@ -318,6 +335,7 @@ def stats() -> Response:
             "expired_skipped_per_node": ints(expired),
             "dropped_messages": ints(dropped),
             "shards": {node: {t: s.wire() for t, s in tables.items()} for node, tables in shards.items()},
+            "cache": gw.cache_stats(),  # its Redis may be another: its failure is a field, not a 503
             "open_breakers_this_process": router.open_breakers(),
             "threads_this_process": gw.threads(),
             "refused_for_memory_this_process": gw.dispatcher.refused_for_memory,

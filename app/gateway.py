@@ -1,4 +1,4 @@
-"""The gateway's moving parts in one process: ring membership, the sender, the reply listener.
+"""The gateway's moving parts in one process: ring membership, the sender, the reply listener, the cache.
 
 Threads cannot survive a fork, and WSGI servers fork their workers after loading the app,
 so :meth:`Gateway.ensure_started` starts them in the process that serves, on its first
@@ -11,11 +11,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
 
 from app.breaker import Breaker
+from app.cache import LEASE_MS, Cache
 from app.errors import DeadlineExceeded, TooManyRequests, Unavailable, error_for_status
+from app.metrics import count_cache_lookup
 from app.replies import ReplyListener
 from app.routing import EmptyRingError, Router, WorkerFull
 from app.schemas import Tensor
@@ -30,11 +33,13 @@ from tasks.contract import (
     Failure,
     Result,
     ShardStatus,
+    decode_served_versions,
     decode_shard_statuses,
     shard_status_key,
     shard_table_name,
+    versions_key,
 )
-from tasks.metadata import ModelMetadata, load_repository
+from tasks.metadata import Catalog, ModelMetadata
 from tasks.settings import Settings
 
 
@@ -49,7 +54,7 @@ class Answer:
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models: dict[str, ModelMetadata] = load_repository(settings.model_repository)
+        self.catalog = Catalog(settings.model_repository, settings.repository_poll_ms)
         self._pid: int | None = None
         self._lock = threading.Lock()
 
@@ -75,6 +80,14 @@ class Gateway:
                 self.dispatcher.set_silent,
             )
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
+            self.cache: Cache | None = None
+            if s.cache:
+                # its own client: a follower blocks on it for up to a lease, and it may be another Redis
+                cache_redis = Redis.from_url(
+                    s.cache_redis_url or s.redis_url, socket_timeout=2 * LEASE_MS / 1000, socket_connect_timeout=0.5
+                )
+                self.cache = Cache(cache_redis, s.cache_ttl_s, s.cache_max_bytes, self.dispatcher.gateway_id)
+                self.cache.start()
             self.follower.start()
             self.listener.start()
             self.dispatcher.start()
@@ -86,8 +99,15 @@ class Gateway:
             self.follower.stop()
             self.listener.stop()
             self.dispatcher.stop()
+            if self.cache is not None:
+                self.cache.stop()
             self.redis.close()
             self._pid = None
+
+    @property
+    def models(self) -> dict[str, ModelMetadata]:
+        """The models served, as the repository held them at most ``repository_poll_ms`` ago."""
+        return self.catalog.models
 
     def threads(self) -> dict[str, bool]:
         """Whether each of this process's threads runs; one that died makes it unready."""
@@ -95,7 +115,7 @@ class Gateway:
             "membership": self.follower.alive,
             "replies": self.listener.alive,
             "sender": self.dispatcher.alive,
-        }
+        } | ({} if self.cache is None else {"cache": self.cache.alive})
 
     @property
     def ready(self) -> bool:
@@ -121,9 +141,23 @@ class Gateway:
             else min(timeout_ms, self.settings.request_timeout_ms)
         )
         deadline = time.monotonic() + limit_ms / 1000
+
+        def compute() -> Result:
+            return self._compute(key, meta, version, tensors, deadline, limit_ms)
+
+        if self.cache is None or not meta.response_cache:
+            return Answer(compute())
+        result, cached = self.cache.through(meta.name, version, tensors, deadline, compute)
+        count_cache_lookup(meta.name, version, cached)
+        return Answer(result, cached)
+
+    def _compute(
+        self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], deadline: float, limit_ms: float
+    ) -> Result:
+        """The worker's result (a sharded model's: gathered from the workers that hold its rows)."""
         if meta.sharding is None:
             call = self._submit(key, meta, version, tensors, deadline, None)
-            return Answer(self._result(call, deadline, limit_ms))
+            return self._result(call, deadline, limit_ms)
         parts = split(tensors, meta.sharding, self.dispatcher.router.placements)
         calls: list[Call] = []
         try:
@@ -134,7 +168,7 @@ class Gateway:
             for call in calls:  # the answer is lost anyway: stop waiting for the other parts
                 self.dispatcher.forget(call, worker_fault=False)
             raise
-        return Answer(gather(parts, results, tensors[0].shape[0]))
+        return gather(parts, results, tensors[0].shape[0])
 
     def _submit(
         self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], deadline: float, position: int | None
@@ -159,6 +193,10 @@ class Gateway:
         assert isinstance(call.reply, Result)  # a call is finished only with a reply or an error
         return call.reply
 
+    def cache_stats(self) -> dict[str, Any]:
+        """The response cache's figures for /stats (``{"enabled": false}`` when it is off)."""
+        return {"enabled": False} if self.cache is None else {"enabled": True, **self.cache.stats()}
+
     def shard_reports(self) -> dict[str, dict[str, ShardStatus]]:
         """What each live worker reports it holds of the sharded tables; unreadable reports are left out."""
         nodes = sorted(self.follower.members)
@@ -172,13 +210,35 @@ class Gateway:
                     continue
         return reports
 
+    def unserved_versions(self, meta: ModelMetadata, versions: tuple[str, ...]) -> list[str]:
+        """Those of ``versions`` of ``meta`` that no live worker reports it has loaded."""
+        live = sorted(n for n in self.follower.members if n not in self.follower.silent)
+        served: set[str] = set()
+        for value in self.redis.mget([versions_key(n) for n in live]) if live else []:
+            try:
+                served |= decode_served_versions(value).get(meta.name, set()) if value is not None else set()
+            except ContractError:
+                continue
+        return [v for v in versions if v not in served]
+
     def unready_shards(self, meta: ModelMetadata, version: str) -> str | None:
-        """Why some row of ``meta``'s sharded table has no live holder that loaded it; None when all have."""
-        live = {n: m.weight for n, m in self.follower.members.items() if n not in self.follower.silent}
-        if not live:
+        """Why some row of ``meta``'s sharded table has no live holder that loaded it; None when all have.
+
+        Workers hold the rows of the ring of announced members (:mod:`tasks.shards`): each live one
+        must report that ring loaded, and fewer members may be silent than each row has holders.
+        """
+        assert meta.sharding is not None
+        members, silent = self.follower.members, self.follower.silent & set(self.follower.members)
+        if not members:
             return "no worker is alive"
+        if len(silent) >= min(meta.sharding.replicas, len(members)):
+            return f"the rows of {', '.join(sorted(silent))} have no live holder"
         name = shard_table_name(meta.name, version)
-        wanted = (ring_digest(live), WHOLE_TABLE)
+        wanted = (ring_digest({n: m.weight for n, m in members.items()}), WHOLE_TABLE)
         reports = self.shard_reports()
-        loading = sorted(n for n in live if name not in reports.get(n, {}) or reports[n][name].ring not in wanted)
+
+        def loaded(node: str) -> bool:
+            return name in reports.get(node, {}) and reports[node][name].ring in wanted
+
+        loading = sorted(n for n in members if n not in silent and not loaded(n))
         return f"workers {', '.join(loading)} have not loaded their rows of {name}" if loading else None

@@ -79,7 +79,11 @@ def schemas(models: Mapping[str, ModelMetadata]) -> dict[str, Any]:
             "required": ["input"],
             "properties": {
                 "model": {**ref("Name"), "description": "default: RINGSERVE_DEFAULT_MODEL", "examples": sorted(models)},
-                "version": ref("Name"),
+                "version": {
+                    **ref("Name"),
+                    "description": "default: the model's traffic split picks one by routing key (sticky), else its"
+                    " default version",
+                },
                 "key": {**ref("Name"), "description": "routing key; else X-Routing-Key, else a hash of the input"},
                 "timeout_ms": {"type": "number", "exclusiveMinimum": 0},
                 "input": {
@@ -157,6 +161,12 @@ def schemas(models: Mapping[str, ModelMetadata]) -> dict[str, Any]:
             "properties": {
                 "name": {"type": "string", "enum": sorted(models)},
                 "versions": {"type": "array", "items": {"type": "string"}},
+                "traffic_split": {
+                    "type": "object",
+                    "description": "weight per version for requests that name none (sticky per routing key);"
+                    " present only for models that have a split",
+                    "additionalProperties": {"type": "number", "minimum": 0},
+                },
                 "platform": {"type": "string"},
                 "inputs": {"type": "array", "items": ref("TensorMetadata")},
                 "outputs": {"type": "array", "items": ref("TensorMetadata")},
@@ -175,8 +185,15 @@ def schemas(models: Mapping[str, ModelMetadata]) -> dict[str, Any]:
         "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
         "ModelReady": {
             "type": "object",
-            "required": ["name", "version", "ready"],
-            "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "ready": {"type": "boolean"}},
+            "description": "version: the one checked; versions: every version of the traffic split (a model with a"
+            " split, asked without a version). Ready when some live worker serves each of them",
+            "required": ["name", "ready"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "ready": {"type": "boolean"},
+            },
         },
         "Stats": {"type": "object", "description": "ring members, requests per node, queue depths, errors"},
     }
@@ -273,6 +290,18 @@ def document(models: Mapping[str, ModelMetadata], server_version: str) -> dict[s
             "/v2/models/{model}/versions/{version}/infer": {"parameters": [model, version], "post": v2_infer},
             "/stats": {"get": operation("statistics", "ring, queues, batches, errors", ref("Stats"), (401, 405, 503))},
             "/openapi.json": {"get": operation("this document", "OpenAPI 3.1", {"type": "object"}, (401, 405))},
+            "/metrics": {
+                "get": {
+                    **operation("Prometheus metrics, Triton's names", "text format 0.0.4", {}, (401, 404, 405)),
+                    "responses": {
+                        "200": {
+                            "description": "text format 0.0.4 (404 when RINGSERVE_METRICS is off)",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **{str(c): {"$ref": f"#/components/responses/E{c}"} for c in (401, 404, 405)},
+                    },
+                }
+            },
         },
         "components": {
             "schemas": schemas(models),

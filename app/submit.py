@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -55,20 +56,26 @@ LOAD_REPORT_S = 0.1  # how often, while requests are in flight, this process pub
 LOAD_REPORT_TTL_MS = 300  # a process that stops reporting drops out of the sum after this
 
 
+def live_reports(redis: Redis, ids_key: str, report_key: Callable[[str], str]) -> list[tuple[str, dict[bytes, bytes]]]:
+    """The expiring hash each gateway process in the set ``ids_key`` reports, by process id, for those
+    whose report still lives; the others leave the set. Raises RedisError."""
+    ids: list[bytes] = sorted(redis.smembers(ids_key))  # type: ignore[arg-type]
+    pipe = redis.pipeline(transaction=False)
+    for gateway_id in ids:
+        pipe.hgetall(report_key(gateway_id.decode(errors="replace")))
+    reports = pipe.execute()
+    gone = [i for i, report in zip(ids, reports, strict=True) if not report]
+    if gone:
+        redis.srem(ids_key, *gone)
+    return [(i.decode(errors="replace"), report) for i, report in zip(ids, reports, strict=True) if report]
+
+
 def reported_rows(redis: Redis, exclude: str | None = None) -> Counter[str]:
     """Rows in flight per worker, summed over the gateway processes that reported in the last
     LOAD_REPORT_TTL_MS (but ``exclude``). Raises RedisError."""
-    ids: list[bytes] = sorted(redis.smembers(GATEWAYS_KEY))  # type: ignore[arg-type]
-    pipe = redis.pipeline(transaction=False)
-    for gateway_id in ids:
-        pipe.hgetall(gateway_load_key(gateway_id.decode(errors="replace")))
-    loads = pipe.execute()
-    gone = [i for i, load in zip(ids, loads, strict=True) if not load]
-    if gone:
-        redis.srem(GATEWAYS_KEY, *gone)
     total: Counter[str] = Counter()
-    for gateway_id, load in zip(ids, loads, strict=True):
-        if gateway_id.decode(errors="replace") != exclude:
+    for gateway_id, load in live_reports(redis, GATEWAYS_KEY, gateway_load_key):
+        if gateway_id != exclude:
             total.update(decode_counts(load))
     return total
 
@@ -166,6 +173,7 @@ class Dispatcher:
         self._message_bytes = message_bytes
         self._members: set[str] = set()
         self.refused_for_memory = 0  # requests answered 503 because Redis was full
+        self._resent: Counter[str] = Counter()  # requests sent again, by cause (under _lock; for /metrics)
 
     def start(self) -> None:
         self._thread.start()
@@ -185,6 +193,16 @@ class Dispatcher:
 
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def pending_per_model(self) -> Counter[tuple[str, str]]:
+        """Calls awaiting their answer, per (model, version): a request split over k shards counts k."""
+        with self._lock:
+            return Counter((c.model, c.version) for c in self._pending.values())
+
+    def resent(self) -> Counter[str]:
+        """Requests sent again so far, by cause: ``worker_left``, ``worker_silent``, ``redis_lost``."""
+        with self._lock:
+            return self._resent.copy()
 
     def submit(
         self,
@@ -236,7 +254,7 @@ class Dispatcher:
         """Follow membership; re-send what departed (or restarted) workers held, then let their
         queues expire after the grace period (a worker that comes back keeps its queue: its
         heartbeat removes the expiry)."""
-        self._reroute(self.router.set_members(members), "left or restarted")
+        self._reroute(self.router.set_members(members), "left or restarted", "worker_left")
         departed, self._members = self._members - set(members), set(members)
         if departed and self._queue_grace_ms > 0:
             try:
@@ -255,13 +273,14 @@ class Dispatcher:
     def _reroute_quiet(self) -> None:
         """Send what silent, quiet workers hold to the keys' next owners now, rather than when
         their announcements expire (a late answer is harmless)."""
-        self._reroute(self.router.take_quiet(), "missed their heartbeats and stopped answering")
+        self._reroute(self.router.take_quiet(), "missed their heartbeats and stopped answering", "worker_silent")
 
-    def _reroute(self, nodes: set[str], why: str) -> None:
+    def _reroute(self, nodes: set[str], why: str, cause: str) -> None:
         if not nodes:
             return
         with self._lock:
             orphans = [c for c in self._pending.values() if c.node in nodes]
+            self._resent[cause] += len(orphans)
         if orphans:
             log.warning("re-sending %d unanswered requests of %s (%s)", len(orphans), ", ".join(sorted(nodes)), why)
         for call in orphans:
@@ -294,6 +313,7 @@ class Dispatcher:
             return
         with self._lock:
             calls = list(self._pending.values())
+            self._resent["redis_lost"] += len(calls)
         if calls:
             log.warning("Redis lost its data: sending %d waiting requests again", len(calls))
         for call in calls:

@@ -4,7 +4,7 @@ Writes latency_distribution.png, node_distribution.png, performance_comparison.p
 performance_report.txt and benchmark_results.json (several inputs are merged into one document),
 plus the plots of the scenarios whose findings are present: batching_gain.png, scaling.png,
 ring_balance.png, failover_timeline.png, hotkey_balance.png, join_timeline.png, leave_timeline.png,
-redis_restart_timeline.png.
+redis_restart_timeline.png, soak_memory.png, sharding_memory.png.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         written.append(plots.redis_restart_timeline(findings["redis-restart"], sub, out / "redis_restart_timeline.png"))
     if "soak" in findings:
         written.append(plots.soak_memory(findings["soak"], sub, out / "soak_memory.png"))
+    if "sharding" in findings:
+        written.append(plots.sharding_memory(findings["sharding"], sub, out / "sharding_memory.png"))
     if "ring" in findings:
         ring = findings["ring"]
         ring_sub = f"{ring['keys']:,} keys · {ring['vnodes']} vnodes per node · {ring['hash']}\n" + report.machine_line(

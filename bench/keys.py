@@ -20,12 +20,15 @@ class KeySpace:
 
     size: int = KEY_SPACE
     zipf: float | None = None
+    ordered: bool = False  # request n (of one client process) sends key n mod size: a scripted sequence
 
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"the key space needs at least one key, got {self.size}")
         if self.zipf is not None and not self.zipf > 0:
             raise ValueError(f"the Zipf exponent must be > 0, got {self.zipf}")
+        if self.zipf is not None and self.ordered:
+            raise ValueError("keys are drawn Zipf-distributed or sent in order, not both")
 
     def probabilities(self) -> np.ndarray:
         """P(key i) for i in 0..size-1."""
@@ -36,6 +39,8 @@ class KeySpace:
 
     def sample(self, n: int, seed: int) -> np.ndarray:
         """``n`` key indexes drawn independently (the same for the same seed)."""
+        if self.ordered:
+            return np.arange(n) % self.size
         rng = np.random.default_rng(seed)
         if self.zipf is None:
             return rng.integers(0, self.size, n)
@@ -46,4 +51,5 @@ class KeySpace:
         return f"{KEY_PREFIX}{index}"
 
     def describe(self) -> str:
-        return f"{self.size:,} keys, " + ("uniform" if self.zipf is None else f"Zipf s={self.zipf:g}")
+        order = "in order" if self.ordered else "uniform" if self.zipf is None else f"Zipf s={self.zipf:g}"
+        return f"{self.size:,} keys, {order}"

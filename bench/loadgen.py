@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from bench.keys import KeySpace
 from bench.payload import BinaryBodies, Bodies
+from bench.pool import RequestPool
 from bench.progress import Progress
 from bench.record import NO_RESPONSE, Record
 from bench.transport import Connection, HttpError, connection
@@ -51,6 +52,7 @@ class Load:
     timeout_s: float = 30.0
     transport: str = "raw"
     model_repository: str = MODEL_REPOSITORY
+    pool: str | None = None  # a RequestPool file: send its requests (key i: request i) and check every answer
 
     def __post_init__(self) -> None:
         if self.requests is None and self.duration_s is None:
@@ -58,7 +60,7 @@ class Load:
         if self.concurrent < 1 or self.processes < 1 or self.processes > self.concurrent:
             raise ValueError(f"need 1 <= processes <= concurrent, got {self.processes} and {self.concurrent}")
 
-    def target(self, bodies: Bodies | BinaryBodies) -> str:
+    def target(self, bodies: Bodies | BinaryBodies | RequestPool) -> str:
         """The URL to POST: ``url`` itself when it has a path, else ``url`` + the API's path."""
         return self.url if urlsplit(self.url).path not in ("", "/") else self.url.rstrip("/") + bodies.path
 
@@ -87,6 +89,7 @@ class Load:
             "zipf": self.keys.zipf,
             "transport": self.transport,
             "timeout_s": self.timeout_s,
+            **({"pool": self.pool} if self.pool else {}),
         }
 
 
@@ -230,8 +233,10 @@ def _client_process(
     counters: Any,
     results: Any,
 ) -> None:
-    meta = load_repository(Path(load.model_repository))[load.model]
-    bodies = Bodies(meta, load.api, seed=load.seed)
+    if load.pool is not None:
+        bodies: Bodies | RequestPool = RequestPool.read(load.pool)
+    else:
+        bodies = Bodies(load_repository(Path(load.model_repository))[load.model], load.api, seed=load.seed)
     draws = load.keys.sample(min(requests or KEY_DRAWS, KEY_DRAWS), seed=load.seed * 1000 + index)
     rows, cpu_s, wall_s = asyncio.run(_drive(index, load, bodies, users, requests, draws.tolist(), ready, go, counters))
     results.put((index, rows, cpu_s, wall_s))
@@ -240,7 +245,7 @@ def _client_process(
 async def _drive(
     index: int,
     load: Load,
-    bodies: Bodies,
+    bodies: Bodies | RequestPool,
     users: int,
     requests: int | None,
     draws: list[int],
@@ -277,8 +282,8 @@ async def _drive(
                 rows.append((start, end, status, None, None, None, answer[:200].decode("utf-8", "replace"), key))
                 counters[err_slot] += 1
                 continue
-            reply = bodies.parse(answer)
-            error = None if reply.valid else "no output"
+            reply = bodies.parse(answer, key)
+            error = None if reply.valid else (reply.error or "no output")
             rows.append((start, end, 200, reply.node, reply.batch_size, reply.cached, error, key))
             counters[ok_slot if reply.valid else err_slot] += 1
 

@@ -32,6 +32,7 @@ class Reply:
     node: str | None = None
     batch_size: int | None = None
     cached: bool | None = None
+    error: str | None = None  # why an answer is not valid, when it says more than "no output"
 
 
 def input_rows(meta: ModelMetadata, count: int, seed: int) -> list[list[float]]:
@@ -70,8 +71,8 @@ class Bodies:
     def body(self, key: str, index: int) -> bytes:
         return self._head + key.encode() + self._pieces[index % len(self._pieces)]
 
-    def parse(self, raw: bytes) -> Reply:
-        """Read node, batch size and cached flag from a 200 answer; invalid if it has no output."""
+    def parse(self, raw: bytes, index: int = 0) -> Reply:
+        """Read node, batch size and cached flag from a 200 answer to request ``index``; invalid if it has no output."""
         try:
             doc: Any = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -531,3 +531,44 @@ def soak_memory(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncols=2)
     return _save(fig, path)
+
+
+def sharding_memory(finding: dict[str, Any], subtitle: str, path: Path) -> Path:
+    """Memory per worker, split into what a worker costs without the table (the baseline) and the table's
+    share: the sharded workers (replicas 1, and 2), the unsharded worker, with the memory limit; and each
+    worker's table share over its ideal (table x replicas / workers)."""
+    table_mb, baseline = finding["table_bytes"] / 1e6, finding["baseline"]["total"] / 1e6
+    groups = [(f"sharded\n{name}", m) for name, m in finding["replicas1"]["raw"].items()]
+    if finding.get("replicas2"):
+        groups += [(f"replicas 2\n{name}", m) for name, m in finding["replicas2"]["raw"].items()]
+    groups.append(("unsharded\nworker_1", finding["unsharded"]))
+    title = (
+        f"Sharded table ({finding['rows']:,} rows, {table_mb:,.0f} MB) over {finding['workers']} workers:"
+        f" largest share {finding['replicas1']['max_over_ideal']:.2f}x table/W"
+    )
+    fig, (mem, ratio) = _figure(title, subtitle, 2, 7)
+    x = np.arange(len(groups))
+    totals = [m["total"] / 1e6 for _, m in groups]
+    mem.bar(x, [baseline] * len(groups), 0.6, color="tab:gray", label=f"baseline worker ({baseline:,.0f} MB)")
+    mem.bar(x, [t - baseline for t in totals], 0.6, bottom=baseline, color="tab:blue", label="the table's share")
+    for i, total in enumerate(totals):
+        mem.annotate(f"{total:,.0f}", (i, total), ha="center", va="bottom", fontsize=8)
+    peaks = [m["peak_rss"] / 1e6 for _, m in groups]
+    mem.plot(x, peaks, "_", color="black", markersize=22, label="peak RSS (VmHWM: also files)")
+    limit = finding["limit"] / 1e6
+    mem.axhline(limit, color="tab:red", linestyle="--", label=f"limit {finding['limit'] / 2**20:,.0f} MiB")
+    mem.set_xticks(x, [label for label, _ in groups], fontsize=8)
+    mem.set(ylabel="MB (anonymous + mapped table)", title="Memory per worker")
+    mem.set_ylim(top=1.2 * max(totals + peaks + [limit]))
+    mem.legend(fontsize=8, loc="upper left")
+    ideal = [("replicas1", 1)] + ([("replicas2", 2)] if finding.get("replicas2") else [])
+    shares = [(f"r{r}\n{name}", w["over_ideal"]) for key, r in ideal for name, w in finding[key]["workers"].items()]
+    shares.append(("unsharded\n(ideal: table)", finding["unsharded"]["table_share"] / finding["table_bytes"]))
+    _bar_values(ratio, ratio.bar(range(len(shares)), [v for _, v in shares], 0.6), "{:.2f}")
+    ratio.axhline(finding["replicas1"]["target"], color="tab:red", linestyle=":", label="target 1.10")
+    ratio.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="ideal: table x replicas / workers")
+    ratio.set_xticks(range(len(shares)), [label for label, _ in shares], fontsize=8)
+    ratio.set(ylabel="table share / ideal", title="Each sharded worker's table share against its ideal")
+    ratio.set_ylim(0, 1.3 * max([v for _, v in shares] + [1.2]))
+    ratio.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)

@@ -74,3 +74,44 @@ def rss_bytes(pid: int) -> int | None:
     except (OSError, IndexError, ValueError):
         return None
     return pages * PAGE_BYTES
+
+
+class Memory(NamedTuple):
+    """What one process holds (bytes): anonymous memory, the resident part of its mappings of one file,
+    and its peak resident set (VmHWM: anonymous and file-backed, the most it ever held at once)."""
+
+    anonymous: int
+    mapped: int
+    peak_rss: int
+
+    @property
+    def total(self) -> int:
+        """Memory the process holds that no other process would: anonymous plus the file's resident pages."""
+        return self.anonymous + self.mapped
+
+
+_KB = 1024
+
+
+def memory(pid: int, mapped: Path | None = None) -> Memory | None:
+    """``Anonymous:`` summed over /proc/<pid>/smaps, plus the ``Rss:`` of the mappings of ``mapped`` (e.g. a
+    table that a process may map rather than copy), and VmHWM. None once the process is gone."""
+    target = str(mapped.resolve()) if mapped is not None else None
+    anonymous = resident = 0
+    in_target = False
+    try:
+        with (PROC / str(pid) / "smaps").open() as smaps:
+            for line in smaps:
+                name, _, rest = line.partition(" ")
+                if not name.endswith(":"):  # a mapping's header: "start-end perms offset dev inode [path]"
+                    fields = line.split(maxsplit=5)
+                    in_target = target is not None and len(fields) == 6 and fields[5].strip() == target
+                elif name == "Anonymous:":
+                    anonymous += int(rest.split()[0]) * _KB
+                elif name == "Rss:" and in_target:
+                    resident += int(rest.split()[0]) * _KB
+        status = (PROC / str(pid) / "status").read_text()
+    except (OSError, ValueError):
+        return None
+    peak = next((int(line.split()[1]) * _KB for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+    return Memory(anonymous, resident, peak)

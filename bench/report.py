@@ -327,6 +327,10 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
         lines += _redis_restart_lines(findings["redis-restart"])
     if "soak" in findings:
         lines += _soak_lines(findings["soak"])
+    if "sharding" in findings:
+        lines += _sharding_lines(findings["sharding"])
+    if "cache" in findings:
+        lines += _cache_lines(findings["cache"])
     if "binary" in findings:
         lines += _binary_lines(findings["binary"])
     if "floor" in findings:
@@ -425,4 +429,124 @@ def _binary_lines(f: dict[str, Any]) -> list[str]:
                 f"  {100 * a['share_of_ceiling']:.1f}% of the ceiling  gateway {_n(a['gateway_cpu_ms_per_request'], 3)}"
                 f" CPU ms/req  failed {a['failed']}"
             )
+    return lines
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.1f} MB"
+
+
+def _memory_lines(name: str, m: dict[str, Any], limit: int) -> list[str]:
+    """Each sharded worker's memory, its table share against the ideal, and its cgroup when it had one."""
+    lines = [
+        f"   {name}: ideal share {_mb(m['ideal_share'])}; largest share {_n(m['max_over_ideal'], 3)}x the ideal"
+        f" (target <= {m['target']:.2f}x)"
+    ]
+    for node, w in m["workers"].items():
+        raw = m["raw"][node]
+        cg = raw.get("cgroup")
+        held = (raw.get("shard") or {}).get("held")
+        lines.append(
+            f"     {node}: {_mb(w['total'])} (anonymous {_mb(raw['anonymous'])}, table mapped"
+            f" {_mb(raw['table_mapped'])}, peak RSS {_mb(raw['peak_rss'])}); table share {_mb(w['table_share'])}"
+            f" = {_n(w['over_ideal'], 3)}x; holds {_n(held)} rows"
+            + (f"; cgroup usage {_mb(cg['usage'])}, peak {_mb(cg['max_usage'])}, OOM kills {cg['oom_kills']}"
+               f" (limit {_mb(limit)})" if cg else "")
+        )  # fmt: skip
+    return lines
+
+
+def _load_line(name: str, r: dict[str, Any]) -> str:
+    share = r["client_share_of_machine"]
+    return (
+        f"   {name}: {_n(r['throughput_rps'])} req/s, p50 {_n(r['p50_ms'], 1)} ms, p99 {_n(r['p99_ms'], 1)} ms,"
+        f" {r['requests']:,} requests, failed {r['failed']:,} {r['failed_by_status'] or ''}, wrong answers"
+        f" {r['mismatches']:,} (target 0), from the response cache {_n(r.get('cached'))}; client {_percent(share)} of"
+        " the machine"
+        + (" ** over 5 %: the client takes a visible share of the cores **" if share and share > 0.05 else "")
+    )
+
+
+def _sharding_lines(f: dict[str, Any]) -> list[str]:
+    """The sharding scenario: memory per worker against the whole table, the limit, the load, join, leave, kill."""
+    base, whole, refused = f["baseline"], f["unsharded"], f["over_limit"]
+    j, lv = f["join"], f["leave"]
+    ocg = refused.get("cgroup") or {}
+    lines = [
+        f"== sharding: {f['model']}, {f['rows']:,} rows = {_mb(f['table_bytes'])} of table, {f['workers']} workers;"
+        f" memory = anonymous + resident pages of the table file; share = memory - the baseline worker's",
+        f"   baseline worker (a table of 1,000 rows): {_mb(base['total'])} (anonymous {_mb(base['anonymous'])})",
+        f"   unsharded worker (RINGSERVE_SHARDING=off): {_mb(whole['total'])}, table share {_mb(whole['table_share'])}"
+        f" ({_n(whole['table_share'] / f['table_bytes'], 3)}x the table)",
+        *_memory_lines("replicas 1", f["replicas1"], f["limit"]),
+    ]
+    if f.get("replicas2"):
+        lines += _memory_lines("replicas 2 (no limit)", f["replicas2"], f["limit"])
+    lines += [
+        f"   memory limit {_mb(f['limit'])} ({f['limit'] / 2**20:,.0f} MiB): sharded workers"
+        f" {'all fit' if f['replicas1']['fits_limit'] else 'DO NOT all fit'}; an unsharded worker added under it was"
+        f" started {refused['starts']} times, killed {refused['killed']} times (cgroup OOM kills"
+        f" {ocg.get('oom_kills', '-')}, peak usage {_mb(ocg.get('max_usage'))}); it announced itself:"
+        f" {'yes' if refused['announced'] else 'no'}, ever held the table: {'YES' if refused['loaded'] else 'never'};"
+        f" /v2/models/{f['model']}/ready answered {refused['model_ready_statuses']}"
+        f" (watched {refused['watched_s']:g} s)",
+        f"   OOM kills of the sharded workers under the limit, through every load, the join and the leave:"
+        f" {f['oom_kills']} (target 0)"
+        + (
+            "; ** a killed worker is restarted and loads its rows again: the rows loaded by the join and the leave"
+            " count those reloads **"
+            if any(f["oom_kills"].values())
+            else ""
+        ),
+        _load_line("steady load", f["steady"]),
+        _load_line("load with join and leave", f["churn"]),
+        f"   join of {j['added']}: failed {j['failed']:,} (target 0); add-worker -> in the ring"
+        f" {_n(j['add_worker_to_joined_s'], 2)} s, -> every worker holds its rows {_n(j['joined_to_loaded_s'], 2)} s"
+        f" later (its load {_n(j['load_s'], 2)} s), the others dropped what moved {_n(j['loaded_to_dropped_s'], 2)} s"
+        f" after that; rows moved {j['moved_rows']:,} = {_percent(j['moved_share'])}"
+        f" (ideal 1/{j['workers_before'] + 1} = {_percent(j['ideal_share'])}); rows loaded {j['loaded']}"
+        f" = {_n(j['loaded_over_ideal'], 3)}x rows/(N+1) (target <= 1.1x); dropped {j['dropped']};"
+        f" read from the file meanwhile {j['read_through']}",
+        f"   graceful leave of {lv['leaver']}: failed {lv['failed']:,} (target 0); stopped in"
+        f" {_n(lv['leave_to_left_s'], 2)} s, every worker holds its rows {_n(lv['left_to_loaded_s'], 2)} s later;"
+        f" it held {lv['leaver_held']:,} rows, the others loaded {lv['loaded']}"
+        f" = {_n(lv['loaded_over_leaver_held'], 3)}x that; read from the file meanwhile {lv['read_through']}",
+    ]
+    r2 = f.get("replicas2")
+    if r2:
+        ttl_s = r2["member_ttl_ms"] / 1000
+        lines += [
+            _load_line("replicas 2, SIGKILL under load", r2["kill"]),
+            f"   SIGKILL {r2['victim']}: failed {r2['kill']['failed']:,} (target 0); the {r2['caught_at_kill']}"
+            f" requests in flight at the kill answered within {_n(r2['served_again_s'], 2)} s (its rows served"
+            f" again by their other holder; target <= member TTL + 1 s = {ttl_s + 1:g} s); back in the ring"
+            f" {_n(r2['back_s'], 2)} s, every worker holding its rows again {_n(r2['restored_s'], 2)} s after the kill",
+        ]
+    lines.append(f"   wrong answers over every load: {f['mismatches']:,} (target 0; every answer checked to 1e-6)")
+    return lines
+
+
+def _cache_lines(f: dict[str, Any]) -> list[str]:
+    """The cache scenario: hit rate, the three throughputs side by side, the gateway's CPU on a miss and a hit."""
+    t, m, cpu = f["targets"], f["modes"], f["gateway_cpu_ms"]
+    lines = [
+        f"== cache: {f['model']}, {f['distinct']:,} new inputs a round, each repeated in the next;"
+        f" {f['rounds']} interleaved rounds, medians; {f['concurrent']} users, {f['workers']} workers",
+        f"   hit rate with repeats (/stats): {_percent(f['hit_rate'])} (target {_percent(t['hit_rate'], 0)}"
+        f" +- {_percent(t['hit_rate_tolerance'], 0)}); repeats came >= {_n(f['min_gap_s'], 2)} s after their first"
+        f" (wanted >= {f['gap_s']:g} s)",
+    ]
+    for mode, x in m.items():
+        lines.append(
+            f"   {mode:<10}: {_n(x['throughput_rps'])} req/s, p99 {_n(x['p99_ms'], 1)} ms, gateway"
+            f" {_n(x['gateway_cpu_ms'], 3)} CPU ms/req, server {_n(x['server_cpu_ms'], 3)};"
+            f" rounds {[round(r['throughput_rps']) for r in x['rounds']]} req/s"
+        )
+    lines += [
+        f"   repeats / off: {_n(f['repeats_over_off'], 3)}x (target > {t['repeats_over_off']:g});"
+        f" no repeats / off: {_n(f['no_repeats_over_off'], 3)}x (target >= {t['no_repeats_over_off']:g})",
+        f"   gateway CPU ms/request: cache off {_n(cpu['off'], 3)}, miss {_n(cpu['miss'], 3)},"
+        f" half hits {_n(cpu['half_hits'], 3)}, so a hit about {_n(cpu['hit_derived'], 3)} (2 x half hits - miss)",
+        f"   failed {f['failed']:,}; wrong answers {f['mismatches']:,} (target 0; every answer checked to 1e-6)",
+    ]
     return lines

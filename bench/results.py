@@ -92,6 +92,18 @@ def scenario_document(
     return {"scenario": scenario, "config": config, "machine": machine, "runs": list(runs), "findings": findings or {}}
 
 
+def headline(run: dict[str, Any]) -> dict[str, Any]:
+    """The figures a scenario's findings quote of one run: its label, requests, throughput, p50 and p99."""
+    summary = run["summary"]
+    return {
+        "label": run["label"],
+        "requests": summary["requests"],
+        "throughput_rps": summary["throughput_rps"],
+        "p50_ms": summary["latency_ms"]["p50"],
+        "p99_ms": summary["latency_ms"]["p99"],
+    }
+
+
 def runs_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The run documents inside either kind of results document."""
     if "runs" in doc:

@@ -18,6 +18,7 @@ from bench import analyze, machine
 from bench.scenarios import (
     batching,
     binary,
+    cache,
     ceiling,
     client,
     compare,
@@ -30,6 +31,7 @@ from bench.scenarios import (
     redis_restart,
     ring,
     scaling,
+    sharding,
     soak,
 )
 from bench.scenarios.spec import Context, Scenario
@@ -53,6 +55,8 @@ SCENARIOS: dict[str, Scenario] = {
         redis_restart.SCENARIO,
         soak.SCENARIO,
         binary.SCENARIO,
+        sharding.SCENARIO,
+        cache.SCENARIO,
     )
 }
 RESULTS_DIR = ROOT / "bench" / "results"

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from bench import auth, procs
+from bench import auth, cgroup, procs
 from tasks.settings import Settings, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,7 @@ STOP_TIMEOUT_S = 120
 LOG_TAIL_LINES = 40
 REDIS_START_TIMEOUT_S = 20.0
 REDIS_POLL_S = 0.01
+READY_POLL_S = 0.1
 PREFIX = "RINGSERVE_"
 # Set by the harness for every system it starts; the caller's other RINGSERVE_* settings pass through.
 HARNESS_OWNED = frozenset(
@@ -95,7 +96,10 @@ class RingServe:
         self.run_dir = run_dir.resolve()  # every process, and supervisord's config, name it absolutely
         self.workers = workers
         inherited = {k.removeprefix(PREFIX): v for k, v in os.environ.items() if k.startswith(PREFIX)}
-        self.settings = {k: v for k, v in inherited.items() if k not in HARNESS_OWNED} | dict(settings or {})
+        # The loads repeat 256 input rows: with the response cache on, every scenario would measure it. Off unless
+        # the environment or the scenario (``cache``) says otherwise.
+        self.settings = {"CACHE": "off"} | {k: v for k, v in inherited.items() if k not in HARNESS_OWNED}
+        self.settings |= dict(settings or {})
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(PREFIX)} | dict(env or {})
         self.env.update({PREFIX + k: str(v) for k, v in self.settings.items()})
@@ -117,6 +121,19 @@ class RingServe:
         """What results record of this system: its settings, secrets redacted."""
         shown = {k: redact(k, v) for k, v in self.settings.items()}
         return {"system": "ringserve", "workers": self.workers, "settings": shown}
+
+    def launch(self, command: str, settings: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``./docker-free-run.sh COMMAND`` in the background with ``settings`` (without the prefix) on top of the
+        system's, for a command the caller may not wait out (an add-worker whose worker never joins): end it
+        with :func:`halt`."""
+        env = self.env | {PREFIX + k: str(v) for k, v in (settings or {}).items()}
+        return subprocess.Popen(
+            [str(SCRIPT), command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def _script(self, command: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -204,17 +221,38 @@ class RingServe:
 
     def add_worker(self) -> str:
         """``./docker-free-run.sh add-worker``: one more worker, returned once it has joined the ring."""
-        before = set(self.pids())
         done = self._script("add-worker", START_TIMEOUT_S)
         if done.returncode != 0:
             raise StartError(f"add-worker failed:\n{done.stdout}{done.stderr}\n{self.log_tails()}")
-        added = sorted(set(self.pids()) - before)
-        return added[0] if added else ""
+        # It says "worker_4 joined: ..." (supervisord still calls it STARTING for its first seconds).
+        joined = [line.split()[0] for line in done.stdout.splitlines() if " joined: " in line]
+        return joined[-1] if joined else ""
 
     def processes(self) -> dict[int, int]:
         """pid -> start time of every live process started for this system: they all carry its run
         directory in their environment, also the gateway's forks (a respawn shows as a new pair)."""
         return procs.with_environment("RINGSERVE_RUN_DIR", str(self.run_dir))
+
+    def memory_cgroups(self) -> dict[str, Path]:
+        """Worker -> its memory cgroup, for workers started with ``RINGSERVE_WORKER_MEMORY_LIMIT``."""
+        return cgroup.recorded(self.run_dir)
+
+    def wait_ready(self, path: str, timeout_s: float, give_up: Callable[[], str | None] = lambda: None) -> float:
+        """Seconds until ``GET path`` answered 200 (e.g. ``/v2/models/ranker/ready`` once every worker holds
+        the rows it owns); StartError, with the logs' tails, after ``timeout_s`` or as soon as ``give_up()``
+        says why waiting is pointless."""
+        start = time.monotonic()
+        while True:
+            try:
+                with auth.get(self.url + path, timeout_s=READY_POLL_S * 10) as response:
+                    if response.status == 200:
+                        return time.monotonic() - start
+            except OSError:  # an answer other than 200 (HTTPError), or none
+                pass
+            why = give_up() or (f"not within {timeout_s:g} s" if time.monotonic() - start > timeout_s else None)
+            if why is not None:
+                raise StartError(f"GET {path} did not answer 200: {why}\n{self.log_tails()}")
+            time.sleep(READY_POLL_S)
 
     def stats(self) -> dict[str, Any]:
         with auth.get(f"{self.url}/stats", timeout_s=10) as response:
@@ -236,3 +274,10 @@ def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict
         old, new = before.get(name, {}), after.get(name, {})
         delta[name] = {k: int(v) - int(old.get(k, 0)) for k, v in new.items() if int(v) - int(old.get(k, 0))}
     return delta
+
+
+def halt(script: subprocess.Popen[bytes]) -> None:
+    """End a command of :meth:`RingServe.launch` and what it started in its session (its waits, not the system)."""
+    if script.poll() is None:
+        os.killpg(script.pid, signal.SIGTERM)
+    script.wait()

@@ -41,7 +41,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_pool="solo",
         worker_concurrency=1,
-        worker_send_task_events=False,
+        # The batch consumer sends its messages' task events itself (tasks.events), through the
+        # dispatcher this enables for the "task" group; Celery's own per-task events never fire.
+        worker_send_task_events=settings.task_events,
         worker_hijack_root_logger=False,
     )
     return app

@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -40,6 +40,7 @@ from tasks.batching import Batch, BatchPolicy, Collector
 from tasks.contract import (
     ANNOUNCEMENTS,
     DATATYPES,
+    METRICS_KEY,
     STATS_BATCHES_KEY,
     STATS_DROPPED_KEY,
     STATS_EXPIRED_KEY,
@@ -55,12 +56,16 @@ from tasks.contract import (
     Tensor,
     decode_envelope,
     encode_replies,
+    encode_served_versions,
     encode_shard_statuses,
     node_id_from_hostname,
     queue_name,
     shard_status_key,
+    versions_key,
 )
 from tasks.engine import InputError, Model
+from tasks.events import HOLD_S, TaskEvents
+from tasks.metrics import Forward, batch_counts
 from tasks.repository import Repository, UnknownModelError
 from tasks.settings import Settings
 from tasks.shards import ShardKeeper
@@ -78,6 +83,7 @@ class Delivery:
     reply_to: str
     unanswered: int
     ack: Callable[[], None]
+    received: float  # time.monotonic() when it arrived
 
     def answered(self) -> None:
         self.unanswered -= 1
@@ -132,7 +138,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.node_id = settings.node_id
-        self.repository = Repository(settings.model_repository)
+        self.repository = Repository(settings.model_repository, grace_s=settings.version_grace_ms / 1000)
         self.redis = Redis.from_url(settings.redis_url)
         self.membership = Membership(self.redis, settings.member_ttl_ms, ANNOUNCEMENTS)
         self.member = Member(settings.node_weight, uuid.uuid4().hex, settings.heartbeat_ms, settings.member_ttl_ms)
@@ -141,7 +147,10 @@ class Server:
         self._wakeup: Any = None
         self._wakeup_at: float | None = None
         self._heartbeat: Any = None
+        self._events_timer: Any = None
+        self._rescan: Any = None
         self._connection_errors: tuple[type[BaseException], ...] = ()
+        self._events: TaskEvents | None = None  # through the worker's event dispatcher, while task events are on
         self._loaded = False
         self._server_id: str | None = None
         self.keeper: ShardKeeper | None = None  # while some model has a sharded table
@@ -177,8 +186,14 @@ class Server:
         self._cancel_wakeup()  # a reconnect brings a new timer: nothing scheduled on the old one
         self._timer = consumer.timer
         self._connection_errors = consumer.connection_errors
+        dispatcher = consumer.event_dispatcher  # a new one after each reconnect
+        self._events = TaskEvents(dispatcher.send) if self.settings.task_events and dispatcher is not None else None
+        if self._events is not None:
+            self._events_timer = self._timer.call_repeatedly(HOLD_S, self._events.flush)
         self._announce()
         self._heartbeat = self._timer.call_repeatedly(self.settings.heartbeat_ms / 1000, self._announce)
+        if self.settings.repository_poll_ms > 0:
+            self._rescan = self._timer.call_repeatedly(self.settings.repository_poll_ms / 1000, self._reload)
         self._schedule()
         log.info("node %s: serving %s", self.node_id, own_queue)
         return self.on_message
@@ -204,21 +219,28 @@ class Server:
             self._report_shards,
         )
         follower = Follower(
-            self.membership, s.ring_refresh_ms, self._follow, lambda: None, lambda lost: None, self._follow
+            self.membership, s.ring_refresh_ms, self._follow, lambda: None, lambda lost: None, lambda silent: None
         )
         follower.poll()
         self._follower = follower
-        self.keeper.start(self._live(follower))
+        self.keeper.start(self._ring(follower))
         follower.start()
 
     @staticmethod
-    def _live(follower: Follower) -> dict[str, float]:
-        """Members that still beat, by weight: the ring whose rows we hold."""
-        return {n: m.weight for n, m in follower.members.items() if n not in follower.silent}
+    def _ring(follower: Follower) -> dict[str, float]:
+        """The announced members by weight: the ring whose rows we hold.
+
+        A member that missed its heartbeats keeps its rows here until its announcement expires:
+        a crashed worker that supervision restarts within the ttl comes back to find the ring as
+        it left it, rather than every other worker loading its part and dropping it again.
+        Meanwhile gateways route around it, to its replicas (which hold its rows) or, with one
+        replica, to workers that read its rows from the table file.
+        """
+        return {n: m.weight for n, m in follower.members.items()}
 
     def _follow(self, _: object) -> None:
         if self.keeper is not None and self._follower is not None:
-            self.keeper.follow(self._live(self._follower))
+            self.keeper.follow(self._ring(self._follower))
 
     def _report_shards(self) -> None:
         """Say which rows we hold, for as long as our announcement lives; a dead keeper says nothing
@@ -243,8 +265,12 @@ class Server:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        if self._rescan is not None:
+            self._rescan.cancel()
+            self._rescan = None
         try:
             self.membership.leave(self.node_id)
+            self.redis.delete(versions_key(self.node_id))
             if self.keeper is not None:
                 self.redis.delete(shard_status_key(self.node_id))
             log.info("node %s: left the ring", self.node_id)
@@ -253,6 +279,11 @@ class Server:
         self._cancel_wakeup()
         for batch in self.collector.drain():
             self._run(batch)
+        if self._events_timer is not None:
+            self._events_timer.cancel()
+            self._events_timer = None
+        if self._events is not None:
+            self._events.flush()
 
     def _announce(self) -> None:
         """Heartbeat (and every reconnect): refresh the announcement, publish the drop count.
@@ -266,6 +297,7 @@ class Server:
             if self._server_id not in (None, server_id):
                 log.warning("node %s: Redis is a new server (its data is gone); announcing again", self.node_id)
             self._server_id = server_id
+            self._report_versions()  # before the announcement: a member that is seen has said what it serves
             self.membership.announce(self.node_id, self.member)
             self._report_shards()
             self.redis.persist(queue_name(self.node_id))  # ours again: gateways let departed queues expire
@@ -273,6 +305,19 @@ class Server:
                 self.redis.hincrby(STATS_DROPPED_KEY, self.node_id, dropped)
         except RedisError as exc:
             log.warning("node %s: heartbeat failed: %s", self.node_id, exc)
+
+    def _reload(self) -> None:
+        """Timer: take in changes of the model repository; new versions are loaded before they are reported."""
+        if self.repository.refresh():
+            self._report_versions()
+
+    def _report_versions(self) -> None:
+        """Say which model versions we serve, for as long as our announcement lives (per-version readiness)."""
+        served = encode_served_versions(self.repository.served())
+        try:
+            self.redis.set(versions_key(self.node_id), served, px=self.settings.member_ttl_ms)
+        except RedisError as exc:
+            log.warning("node %s: versions report failed: %s", self.node_id, exc)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -289,11 +334,11 @@ class Server:
             DROPS.drop("task messages that are not envelopes", str(exc))
             acknowledge()
             return
-        delivery = Delivery(envelope.reply_to, len(envelope.items), acknowledge)
         if not envelope.items:
             acknowledge()
             return
         now = time.monotonic()
+        delivery = Delivery(envelope.reply_to, len(envelope.items), acknowledge, now)
         refused: list[tuple[Delivery, Reply]] = []
         for entry in envelope.items:
             if isinstance(entry, BadItem):
@@ -314,6 +359,7 @@ class Server:
                 refused.append((delivery, self._failure(entry.id, ErrorKind.BAD_INPUT, str(exc))))
         if refused:
             self._send_replies(refused, batch_size=0)
+            self._task_events(f"{len(refused)} requests refused", now, now, refused)
         self._schedule()
 
     def _policy(self, key: Hashable) -> BatchPolicy:
@@ -367,31 +413,51 @@ class Server:
             else:
                 live.append((p, decode_inputs(p.item)))
         rows = sum(p.item.rows for p, _ in live)
+        forwards: list[Forward] = []
         if live:
             try:
-                replies += self._forward(model, live, rows)
+                results, forward = self._forward(model, live, rows)
+                replies += results
+                forwards.append(forward)
             except Exception:  # one forward failed: find the culprit, serve the rest
                 log.exception("node %s: batch of %d rows for %s failed; retrying one by one", self.node_id, rows, name)
                 for p, arrays in live:
                     try:
-                        replies += self._forward(model, [(p, arrays)], rows)
+                        results, forward = self._forward(model, [(p, arrays)], rows)
+                        replies += results
+                        forwards.append(forward)
                     except InputError as exc:
                         replies.append((p.delivery, self._failure(p.item.id, ErrorKind.BAD_INPUT, str(exc))))
                     except Exception as exc:
                         failed = f"inference failed: {exc}"
                         replies.append((p.delivery, self._failure(p.item.id, ErrorKind.INFERENCE_FAILED, failed)))
-        self._send_replies(replies, batch_size=rows, expired=expired)
+        counts = None
+        if self.settings.metrics and forwards:
+            waits = [now - p.delivery.received for p, _ in live]
+            counts = batch_counts(name, version, forwards, waits)
+        self._send_replies(replies, batch_size=rows, expired=expired, counts=counts)
+        arrived = min(p.delivery.received for p in batch.items)
+        self._task_events(f"{len(batch.items)} requests, {rows} rows of {name}/{version}", arrived, now, replies)
+
+    def _task_events(self, what: str, arrived: float, started: float, replies: list[tuple[Delivery, Reply]]) -> None:
+        """Flower's view of one batch (or of requests refused at once): one task, if task events are on."""
+        if self._events is not None:
+            failures = Counter(r.kind.wire for _, r in replies if isinstance(r, Failure))
+            self._events.batch(what, arrived, started, failures)
 
     def _forward(
         self, model: Model, live: list[tuple[Pending, dict[str, np.ndarray]]], batch_rows: int
-    ) -> list[tuple[Delivery, Reply]]:
+    ) -> tuple[list[tuple[Delivery, Reply]], Forward]:
+        """One forward pass over ``live``: each request's result, and what the pass did (for /metrics)."""
         inputs = {
             spec.name: np.concatenate([arrays[spec.name] for _, arrays in live])
             if len(live) > 1
             else live[0][1][spec.name]
             for spec in model.metadata.inputs
         }
+        started = time.perf_counter()
         outputs = model.forward(inputs)
+        forward = Forward(sum(p.item.rows for p, _ in live), len(live), time.perf_counter() - started)
         replies: list[tuple[Delivery, Reply]] = []
         start = 0
         for p, _ in live:
@@ -399,13 +465,19 @@ class Server:
             outs = encode_outputs(model, outputs, start, stop)
             replies.append((p.delivery, Result(p.item.id, self.node_id, batch_rows, model.version, outs)))
             start = stop
-        return replies
+        return replies, forward
 
     def _failure(self, item_id: str, kind: ErrorKind, message: str) -> Failure:
         return Failure(item_id, self.node_id, kind, message)
 
-    def _send_replies(self, replies: list[tuple[Delivery, Reply]], batch_size: int, expired: int = 0) -> None:
-        """One pipeline: a blob per gateway, its expiry, and the batch-size statistic."""
+    def _send_replies(
+        self,
+        replies: list[tuple[Delivery, Reply]],
+        batch_size: int,
+        expired: int = 0,
+        counts: Counter[str] | None = None,
+    ) -> None:
+        """One pipeline: a blob per gateway, its expiry, the batch-size statistic and the batch's metrics."""
         by_gateway: dict[str, list[Reply]] = defaultdict(list)
         for delivery, reply in replies:
             by_gateway[delivery.reply_to].append(reply)
@@ -417,6 +489,8 @@ class Server:
             pipe.hincrby(STATS_BATCHES_KEY, str(batch_size), 1)
         if expired:
             pipe.hincrby(STATS_EXPIRED_KEY, self.node_id, expired)
+        for field, n in (counts or {}).items():
+            pipe.hincrby(METRICS_KEY, field, n)
         try:
             pipe.execute()
         except RedisError as exc:

@@ -22,14 +22,16 @@ A worker answers on ``reply_to`` with one msgpack blob per batch and gateway::
 
 Membership announcements (``ringserve:member:<node id>``) are JSON, see :class:`Announcements`;
 so are the workers' reports of the table rows they hold (``ringserve:shards:<node id>``), see
-:class:`ShardStatus`.
+:class:`ShardStatus`, and of the model versions they serve (``ringserve:versions:<node id>``).
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -65,6 +67,7 @@ STATS_DROPPED_KEY = KEY_PREFIX + "stats:dropped"  # hash node id or "gateways" -
 
 MAX_NAME_CHARS = 256  # ids, model names, versions, tensor names, reply list keys
 MAX_TENSORS = 64
+MAX_VERSIONS = 1024  # per model, in a worker's versions report
 MAX_RANK = 8
 
 
@@ -88,9 +91,38 @@ def shard_status_key(node_id: str) -> str:
     return f"{KEY_PREFIX}shards:{node_id}"
 
 
+def versions_key(node_id: str) -> str:
+    """Where a worker reports the model versions it serves (JSON, expires with its announcement)."""
+    return f"{KEY_PREFIX}versions:{node_id}"
+
+
 def reply_key(gateway_id: str) -> str:
     """The list on which workers push results for one gateway process."""
     return KEY_PREFIX + "reply:" + gateway_id
+
+
+# The response cache (app/cache.py); only gateways read and write it.
+CACHE_PREFIX = KEY_PREFIX + "cache:"
+CACHE_ENTRY_PREFIX = CACHE_PREFIX + "entry:"  # + digest: a cached answer, or the lock of the request computing it
+CACHE_LOCK_PREFIX = b"lock:"  # an entry holding this + a token is being computed (never a msgpack map)
+CACHE_INDEX_KEY = CACHE_PREFIX + "index"  # sorted set digest -> when it was stored (ms, Redis's clock)
+CACHE_SIZES_KEY = CACHE_PREFIX + "sizes"  # hash digest -> the bytes its entry counts against the budget
+CACHE_BYTES_KEY = CACHE_PREFIX + "bytes"  # the sum of CACHE_SIZES_KEY
+STATS_CACHE_KEY = KEY_PREFIX + "stats:cache"  # hash hits / coalesced / misses -> requests
+
+
+def cache_entry_key(digest: str) -> str:
+    return CACHE_ENTRY_PREFIX + digest
+
+
+def cache_waiting_key(token: str) -> str:
+    """Set by requests waiting for the computation that holds lock ``token``: its end is then announced."""
+    return CACHE_PREFIX + "waiting:" + token
+
+
+def cache_done_key(token: str) -> str:
+    """A stream that gets one entry when the computation holding lock ``token`` ends (stored or failed)."""
+    return CACHE_PREFIX + "done:" + token
 
 
 def node_id_from_hostname(hostname: str) -> str:
@@ -445,6 +477,31 @@ def decode_counts(raw: dict[bytes, bytes]) -> dict[str, int]:
     return {k.decode(errors="replace"): int(v) for k, v in raw.items() if v.lstrip(b"-").isdigit()}
 
 
+# -- the response cache ----------------------------------------------------------------------
+
+
+def encode_cached(result: Result) -> bytes:
+    """A result as the response cache stores it: the reply without its request id, every output."""
+    wire = _reply_wire(result)
+    del wire["id"]
+    return msgpack.packb({"v": CONTRACT_VERSION, **wire})
+
+
+def decode_cached(blob: bytes, result_id: str) -> Result:
+    """A cached result, validated like a worker's reply, answering request ``result_id``; raises ContractError."""
+    try:
+        body = msgpack.unpackb(blob)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ContractError(f"not msgpack: {type(exc).__name__}") from None
+    body = _map(body, "a cached result")
+    _version(body, "a cached result")
+    if "error" in body:
+        raise ContractError("a cached result is never an error")
+    reply = decode_reply({**body, "id": result_id})
+    assert isinstance(reply, Result)  # no "error": decode_reply gives a Result or raises
+    return reply
+
+
 # -- sharded tables ------------------------------------------------------------------------
 
 WHOLE_TABLE = "*"  # a ShardStatus.ring that holds every row (a worker with sharding off)
@@ -501,6 +558,24 @@ def decode_shard_statuses(raw: bytes | str) -> dict[str, ShardStatus]:
         ring = _name(entry.get("ring"), "ring")
         statuses[_name(name, "a table name")] = ShardStatus(ring, held, loaded, dropped, read_through, load_s)
     return statuses
+
+
+# -- served versions -----------------------------------------------------------------------
+
+
+def encode_served_versions(served: dict[str, list[str]]) -> bytes:
+    """``{"v": 2, "models": {"digits": ["1", "2"]}}``: the versions a worker has loaded."""
+    return json.dumps({"v": CONTRACT_VERSION, "models": served}).encode()
+
+
+def decode_served_versions(raw: bytes | str) -> dict[str, set[str]]:
+    """A worker's report of its versions, validated; raises ContractError."""
+    body = _json_message(raw, "a versions report")
+    served: dict[str, set[str]] = {}
+    for model, versions in _map(body.get("models"), "models").items():
+        listed = _list(versions, "a model's versions", MAX_VERSIONS)
+        served[_name(model, "a model name")] = {_name(v, "a version") for v in listed}
+    return served
 
 
 # -- membership announcements ---------------------------------------------------------------
@@ -594,3 +669,96 @@ class Drops:
         with self._lock:
             taken, self._untaken = self._untaken, 0
             return taken
+
+
+# -- metrics ----------------------------------------------------------------------------------
+#
+# /metrics (app/metrics.py) sums what every gateway process and every worker counted, on any
+# host, from Redis. Counters live in one hash (:data:`METRICS_KEY`) that gateways add their
+# flushes to and workers their batches to; gauges only a live process can vouch for (its
+# requests pending, its open breakers) in one expiring hash per gateway process. A field is one
+# series: its name and label values as a JSON array, ``["nv_inference_count", "digits", "1"]``;
+# its value a non-negative integer (durations in whole microseconds).
+
+METRICS_KEY = KEY_PREFIX + "metrics"  # hash: series -> total, added to by every gateway and worker
+METRICS_GATEWAYS_KEY = KEY_PREFIX + "metrics:gateways"  # set of gateway process ids that reported gauges
+
+# Upper bounds (seconds) of the latency histograms' buckets; a bucket's count is stored on its
+# own (not cumulative) under the label ``le``, and what exceeds the last bound under "+Inf".
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LATENCY_LE = (*(f"{b:g}" for b in LATENCY_BUCKETS_S), "+Inf")
+
+_MODEL = ("model", "version")
+SERIES_LABELS: dict[str, tuple[str, ...]] = {
+    # Triton's names (gateways count requests; workers count what they computed)
+    "nv_inference_request_success": _MODEL,
+    "nv_inference_request_failure": (*_MODEL, "reason"),
+    "nv_inference_count": _MODEL,
+    "nv_inference_exec_count": _MODEL,
+    "nv_inference_request_duration_us": _MODEL,
+    "nv_inference_queue_duration_us": _MODEL,
+    "nv_inference_compute_infer_duration_us": _MODEL,
+    "nv_inference_pending_request_count": _MODEL,  # a gauge, in the gateways' reports
+    "nv_cache_num_hits_per_model": _MODEL,
+    "nv_cache_num_misses_per_model": _MODEL,
+    # ringserve's own
+    "ringserve_requests_resent": ("cause",),
+    "ringserve_requests_refused_for_memory": (),
+    "ringserve_breaker_open": ("node",),  # a gauge, in the gateways' reports: 1 while not closed
+    "ringserve_request_duration_seconds_bucket": (*_MODEL, "le"),
+    "ringserve_request_duration_seconds_sum_us": _MODEL,
+    "ringserve_queue_wait_seconds_bucket": (*_MODEL, "le"),
+    "ringserve_batch_compute_seconds_bucket": (*_MODEL, "le"),
+    "ringserve_batch_compute_seconds_sum_us": _MODEL,
+}
+
+
+class Series(NamedTuple):
+    """One counter or gauge: its name and its label values, in :data:`SERIES_LABELS` order."""
+
+    name: str
+    labels: tuple[str, ...]
+
+    def field(self) -> str:
+        return json.dumps([self.name, *self.labels], separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def series_field(name: str, *labels: str) -> str:
+    """The hash field of a series, memoised: counting a request or a batch encodes no JSON."""
+    return Series(name, labels).field()
+
+
+def latency_le(seconds: float) -> str:
+    """The ``le`` of the latency bucket that counts ``seconds``."""
+    return LATENCY_LE[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
+
+
+def metrics_gauges_key(gateway_id: str) -> str:
+    """Hash series -> value: one gateway process's gauges; it expires unless that process refreshes it."""
+    return KEY_PREFIX + "metrics:gauges:" + gateway_id
+
+
+def metrics_flushed_key(gateway_id: str) -> str:
+    """The number of one gateway process's last applied counter flush, so that a retried flush adds once."""
+    return KEY_PREFIX + "metrics:flushed:" + gateway_id
+
+
+def decode_series(field: bytes, value: bytes) -> tuple[Series, int]:
+    """One hash entry of :data:`METRICS_KEY` or a gauge report, validated; raises ContractError."""
+    try:
+        body = json.loads(field)
+    except (ValueError, RecursionError):
+        raise ContractError("a series that is not JSON") from None
+    if type(body) is not list or not body or type(body[0]) is not str or body[0] not in SERIES_LABELS:
+        raise ContractError("a series of no known name")
+    name, labels = body[0], tuple(body[1:])
+    if len(labels) != len(SERIES_LABELS[name]):
+        raise ContractError(f"{name}: {len(labels)} label values for {len(SERIES_LABELS[name])} labels")
+    if any(type(label) is not str or len(label) > MAX_NAME_CHARS for label in labels):
+        raise ContractError(f"{name}: a label value that is not a string of at most {MAX_NAME_CHARS} characters")
+    if name.endswith("_bucket") and labels[-1] not in LATENCY_LE:
+        raise ContractError(f"{name}: no bucket le={labels[-1][:20]!r}")
+    if not value.isdigit():
+        raise ContractError(f"{name}: {value[:20]!r} is not a count")
+    return Series(name, labels), int(value)

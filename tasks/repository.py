@@ -18,9 +18,11 @@ generated on first use (``sharding.rows`` rows) if the file is missing or of ano
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ import numpy as np
 
 from tasks.contract import shard_table_name
 from tasks.engine import Model
-from tasks.metadata import ModelConfigError, ModelMetadata, load_repository
+from tasks.metadata import Catalog, ModelConfigError, ModelMetadata
 from tasks.shards import Shard, ShardedTable, write_table
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.npz"
 
@@ -134,44 +138,114 @@ class Repository:
 
     Safe to share between threads: a version is loaded at most once. With ``sharding`` off,
     each sharded table holds every row once loaded (the unsharded model, in this process).
+
+    The repository may change while served (:meth:`refresh`): a version it gains is loaded
+    before it counts as served; a version it loses is *retired*, still answered for
+    ``grace_s`` (gateways that have not rescanned yet still send it), then dropped.
     """
 
-    def __init__(self, root: str | Path, sharding: bool = True) -> None:
+    def __init__(
+        self, root: str | Path, sharding: bool = True, grace_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._sharding = sharding
-        self._metadata: dict[str, ModelMetadata] = load_repository(root)
+        self._grace_s = grace_s
+        self._clock = clock
+        self._catalog = Catalog(root)
         self._loaded: dict[tuple[str, str], Model] = {}
+        self._retired: dict[tuple[str, str], float] = {}  # -> when it is dropped (self._clock)
         self._shards: dict[tuple[str, str], Shard] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def names(self) -> list[str]:
         """The models served, sorted."""
-        return sorted(self._metadata)
+        return sorted(self._catalog.models)
 
     def metadata(self, name: str) -> ModelMetadata:
         """What model ``name`` takes and gives, without loading its weights."""
         try:
-            return self._metadata[name]
+            return self._catalog.models[name]
         except KeyError:
             raise UnknownModelError(f"unknown model {name!r}; known: {self.names()}") from None
 
     def get(self, name: str, version: str | None = None) -> Model:
-        """Version ``version`` of model ``name`` (None or "": its default version)."""
-        metadata = self.metadata(name)
-        resolved = metadata.resolve_version(version)
-        if resolved is None:
+        """Version ``version`` of model ``name`` (None or "": its default version).
+
+        One that is not known yet makes the repository rescan first: a gateway may have
+        seen a new version before this worker's next periodic rescan.
+        """
+        with self._lock:
+            model = self._find(name, version)
+            if model is None and self.refresh():
+                model = self._find(name, version)
+            if model is not None:
+                return model
+            metadata = self.metadata(name)
             known = list(metadata.versions)
             raise UnknownModelError(f"model {name!r} has no version {version!r}; known: {known}")
-        key = (name, resolved)
+
+    def _find(self, name: str, version: str | None) -> Model | None:
+        """A served (or retired) version, loaded now if it was not; None if there is no such version."""
+        if version and (name, version) in self._retired:
+            return self._loaded[(name, version)]
+        metadata = self._catalog.models.get(name)
+        resolved = None if metadata is None else metadata.resolve_version(version)
+        if metadata is None or resolved is None:
+            return None
+        if (name, resolved) not in self._loaded:
+            self._loaded[(name, resolved)] = self._load(metadata, resolved)
+        return self._loaded[(name, resolved)]
+
+    def _load(self, metadata: ModelMetadata, version: str) -> Model:
+        """Build one version (its weights, and its sharded table's record)."""
+        weights = load_weights(metadata, version)
+        if metadata.sharding is not None:
+            table = weights[metadata.sharding.table]
+            if not self._sharding:
+                table.hold(np.arange(metadata.sharding.rows, dtype=np.int64))
+            self._shards[(metadata.name, version)] = Shard(
+                shard_table_name(metadata.name, version), metadata.sharding, table
+            )
+        return Model(metadata, version, weights)
+
+    def refresh(self) -> bool:
+        """Take in changes of the repository on disk; True if what is served changed.
+
+        New versions are loaded before the new metadata replaces the old, so a version is
+        never served half loaded; if one fails to load, nothing changes (and the error is
+        logged). Versions retired longer than ``grace_s`` are dropped here too.
+        """
         with self._lock:
-            if key not in self._loaded:
-                weights = load_weights(metadata, resolved)
-                if metadata.sharding is not None:
-                    table = weights[metadata.sharding.table]
-                    if not self._sharding:
-                        table.hold(np.arange(metadata.sharding.rows, dtype=np.int64))
-                    self._shards[key] = Shard(shard_table_name(name, resolved), metadata.sharding, table)
-                self._loaded[key] = Model(metadata, resolved, weights)
-            return self._loaded[key]
+            changed = self._catalog.refresh(accept=self._load_new)
+            now = self._clock()
+            served = {(n, v) for n, meta in self._catalog.models.items() for v in meta.versions}
+            for key in self._loaded.keys() - served:
+                self._retired.setdefault(key, now + self._grace_s)
+            for key, until in list(self._retired.items()):
+                if key in served:
+                    del self._retired[key]
+                elif until <= now:
+                    del self._retired[key], self._loaded[key]
+                    log.info("model %s version %s: dropped (retired %.1f s ago)", *key, self._grace_s)
+            return changed
+
+    def _load_new(self, models: dict[str, ModelMetadata]) -> None:
+        """Load every version of ``models`` not loaded yet; all of them, or none (raises)."""
+        fresh: dict[tuple[str, str], Model] = {}
+        for name, metadata in models.items():
+            for version in metadata.versions:
+                if (name, version) not in self._loaded:
+                    fresh[(name, version)] = self._load(metadata, version)
+                    log.info("model %s version %s: loaded", name, version)
+        self._loaded.update(fresh)
+
+    def served(self) -> dict[str, list[str]]:
+        """Model -> the versions loaded and in the repository (what this process answers for)."""
+        with self._lock:
+            served = {
+                name: [v for v in meta.versions if (name, v) in self._loaded]
+                for name, meta in self._catalog.models.items()
+            }
+        return {name: versions for name, versions in served.items() if versions}
 
     def shards(self) -> list[Shard]:
         """The sharded tables of the versions loaded so far."""
@@ -180,6 +254,6 @@ class Repository:
 
     def load_all(self) -> None:
         """Load every version of every model, so that no request waits for a load."""
-        for name, metadata in self._metadata.items():
+        for name, metadata in self._catalog.models.items():
             for version in metadata.versions:
                 self.get(name, version)

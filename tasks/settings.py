@@ -39,6 +39,10 @@ QUEUE_GRACE_S = 60
 PREFETCH_MESSAGES = 256
 SHARD_GRACE_MS = 2_000
 SHARD_SETTLE_MS = 1_000
+CACHE_TTL_S = 300  # a cached answer lives this long
+CACHE_MAX_BYTES = 64 * 1024 * 1024  # what the response cache may hold in Redis, entries' overhead included
+REPOSITORY_POLL_MS = 1_000
+VERSION_GRACE_MS = 15_000
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,15 @@ class Settings:
     sharding: bool = True  # off: a worker holds whole tables (the unsharded baseline)
     shard_settle_ms: int = SHARD_SETTLE_MS  # membership must hold still this long before a load
     shard_grace_ms: int = SHARD_GRACE_MS  # rows a worker no longer owns are kept this long
+    metrics: bool = True  # off: gateways and workers count nothing for /metrics (which then answers 404)
+    task_events: bool = True  # workers send Celery task events per message, so that Flower lists the work
+    repository_poll_ms: int = REPOSITORY_POLL_MS  # gateways and workers rescan the model repository; 0: never
+    version_grace_ms: int = VERSION_GRACE_MS  # a worker still answers a version removed from the repository
     api_keys: tuple[str, ...] = field(default_factory=tuple, repr=False)
+    cache: bool = True  # the response cache, for models whose config allows it (see app/cache.py)
+    cache_ttl_s: int = CACHE_TTL_S
+    cache_max_bytes: int = CACHE_MAX_BYTES
+    cache_redis_url: str = field(default="", repr=False)  # the cache's own Redis; empty: redis_url
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -5,10 +5,10 @@ hold, reading them from the table's ``.npy`` file in chunks; it keeps no mapping
 so the rest of the table costs this worker nothing. The engine indexes it like an array.
 
 A :class:`ShardKeeper` decides what each table holds: the rows whose holders
-(:func:`hashing.shards.held_rows`) include this node, on the ring of the live members it
-sees (members that missed their heartbeats count as gone, so their rows are loaded before
-their announcements expire). It works on its own thread, so serving never pauses for a load,
-and a worker announces itself before its first load:
+(:func:`hashing.shards.held_rows`) include this node, on the ring of the announced members
+(one that missed its heartbeats stays until its announcement expires: a crashed worker
+restarted within the ttl finds its part where it left it). It works on its own thread, so
+serving never pauses for a load, and a worker announces itself before its first load:
 
 * a change of membership, once settled, first *grows* each table to what it holds plus what
   it now owns, then reports the new ring as loaded (readiness follows these reports);
@@ -22,6 +22,8 @@ still running) is read from the file for that request: answered all the same, an
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
@@ -56,6 +58,37 @@ def write_table(path: Path, rows: int, dim: int, seed: int) -> None:
         for start in range(0, rows, chunk):
             f.write(rng.standard_normal((min(chunk, rows - start), dim), dtype=np.float32).tobytes())
     os.replace(temporary, path)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's default, kept fixed
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by a load back to the OS now (glibc ``malloc_trim``); elsewhere, nothing to do."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, with its mmap threshold fixed at the default.
+
+    glibc raises the threshold after freeing a large block (up to 32 MB), so a load's chunk-sized
+    temporaries would then come from the heap and stay there, fragmented: measured, a worker
+    holding 250 MB of rows kept 330 MB resident. Fixed, every large array is its own mapping
+    and goes back to the OS when freed.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        return None
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return libc
+
+
+_LIBC = _glibc()
 
 
 class LoadCancelled(Exception):
@@ -136,14 +169,16 @@ class ShardedTable:
         if held.size and wanted.size:
             at = np.minimum(np.searchsorted(held, wanted), held.size - 1)
             present = held[at] == wanted
-            out[present] = rows[at[present]]
+            kept_at, kept_from = np.flatnonzero(present), at[present]
+            step = max(1, CHUNK_BYTES // self._row_bytes)  # a fancy-indexed copy makes a temporary: bound it
+            for lo in range(0, kept_at.size, step):
+                out[kept_at[lo : lo + step]] = rows[kept_from[lo : lo + step]]
         missing = np.flatnonzero(~present)
         self._fill(out, missing, wanted[missing], cancelled)
-        kept = int(present.sum())
-        self._held = (wanted, out)
-        self.assigned = True
+        self.dropped += held.size - int(present.sum())
         self.loaded += int(missing.size)
-        self.dropped += held.size - kept
+        self.assigned = True
+        self._held = (wanted, out)
         return int(missing.size)
 
     def _read(self, ids: np.ndarray) -> np.ndarray:
@@ -332,3 +367,5 @@ class ShardKeeper:
         except Exception:  # a failed load leaves the old rows in place; the next change retries
             log.exception("node %s: sharded tables could not follow the ring %s", self._node_id, sorted(view))
             return "failed"
+        finally:
+            release_free_memory()  # the step's temporaries are gone by now: return their pages to the OS

@@ -169,6 +169,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "RINGSERVE_SHARDING": str(settings.sharding),
         "RINGSERVE_SHARD_SETTLE_MS": str(settings.shard_settle_ms),
         "RINGSERVE_SHARD_GRACE_MS": str(settings.shard_grace_ms),
+        "RINGSERVE_REPOSITORY_POLL_MS": str(settings.repository_poll_ms),
+        "RINGSERVE_VERSION_GRACE_MS": str(settings.version_grace_ms),
     }
 
 
@@ -214,6 +216,7 @@ def make_settings(redis_server: RedisServer, **overrides: object) -> Settings:
         "ring_refresh_ms": 100,
         "request_timeout_ms": 15_000,
         "model_repository": str(ROOT / "models"),
+        "cache": False,  # tests repeat inputs and count what reaches workers; test_cache.py turns it on
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

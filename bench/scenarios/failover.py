@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from redis import Redis
-
 from bench import trial
 from bench.cli import load_from_args
 from bench.results import records_of
 from bench.scenarios import live
 from bench.scenarios.spec import Context, Scenario, add_served_arguments
 from bench.system import RingServe
-from hashing.membership import Membership
-from tasks.contract import ANNOUNCEMENTS
 from tasks.settings import Settings
 
 TARGETS = {"failed": 0, "outage_p99_ms": 1000.0, "back_after_kill_s": 5.0}
@@ -42,21 +38,7 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     duration: float = args.duration
 
     def script(tl: live.Timeline) -> None:
-        with Redis.from_url(system.redis_url) as redis:
-            membership = Membership(redis, 0, ANNOUNCEMENTS)
-            old = membership.alive()[victim].incarnation
-            tl.sleep_until(duration / 3)
-            system.kill(victim)
-            tl.event("kill")
-
-            def back() -> bool:
-                member = membership.alive().get(victim)
-                return member is not None and member.incarnation != old
-
-            if tl.wait_for(back, BACK_TIMEOUT_S):
-                tl.event("back")
-            else:
-                print(f"{victim} was not back within {BACK_TIMEOUT_S:g} s", flush=True)
+        live.kill_until_back(tl, system, victim, duration / 3, BACK_TIMEOUT_S)
 
     with RingServe(ctx.run_dir("failover"), args.workers) as system:
         ttl_ms = Settings.from_env(system.env).member_ttl_ms

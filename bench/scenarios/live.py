@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,19 +25,22 @@ from bench.record import Record
 from bench.results import records_of, scenario_document
 from bench.scenarios.spec import Context
 from bench.stats import percentile, status_key
+from bench.system import RingServe
 from hashing.membership import Membership
 from tasks.contract import ANNOUNCEMENTS
 
 SAMPLE_INTERVAL_S = 0.1
+READY_PATH = "/v2/health/ready"
 STATS_TIMEOUT_S = 1.0
 SCRIPT_GRACE_S = 90.0  # how long the script may go on after the load (e.g. waiting for a rejoin)
 
 
 class Timeline:
     """A :class:`bench.loadgen.Meter` that samples ``GET /stats`` (and, given a Redis URL, the members
-    announced there; with ``ready``, the HTTP status of ``GET /v2/health/ready``, which is 503 while the
-    answering gateway process cannot read Redis) every ``interval_s`` and runs ``script(timeline)`` in a
-    thread, both from the load's start.
+    announced there; with ``ready``, the HTTP status of ``GET ready_path``: ``/v2/health/ready`` is 503 while
+    the answering gateway process cannot read Redis, ``/v2/models/<m>/ready`` while a worker still loads the
+    rows of a sharded model it owns) every ``interval_s`` and runs ``script(timeline)`` in a thread, both from
+    the load's start.
 
     ``script`` waits with :meth:`sleep_until` and notes what it did with :meth:`event`.
     """
@@ -50,14 +52,16 @@ class Timeline:
         redis_url: str | None = None,
         interval_s: float = SAMPLE_INTERVAL_S,
         ready: bool = False,
+        ready_path: str = READY_PATH,
     ) -> None:
         self.url = url
         self.ready = ready
+        self.ready_path = ready_path
         self.script = script
         self.redis = Redis.from_url(redis_url) if redis_url else None
         self.interval_s = interval_s
         self.t0 = 0.0
-        # {"t", "members", "rows_in_flight"} or {"t", "error"}; + "announced", "ready" when asked for
+        # {"t", "members", "rows_in_flight"[, "shards"]} or {"t", "error"}; + "announced", "ready" when asked for
         self.samples: list[dict[str, Any]] = []
         self.events: dict[str, float] = {}
         self.error: BaseException | None = None
@@ -122,10 +126,12 @@ class Timeline:
                     stats = json.loads(response.read())
                 sample["members"] = sorted(stats.get("members", {}))
                 sample["rows_in_flight"] = stats.get("rows_in_flight_per_node", {})  # summed over every gateway
+                if "shards" in stats:  # what each worker holds of each sharded model
+                    sample["shards"] = stats["shards"]
             except (OSError, ValueError) as exc:
                 sample["error"] = type(exc).__name__
             if self.ready:
-                sample["ready"] = http_status(f"{self.url}/v2/health/ready")
+                sample["ready"] = http_status(self.url + self.ready_path)
             if self.redis is not None:
                 try:
                     sample["announced"] = sorted(Membership(self.redis, 0, ANNOUNCEMENTS).alive())
@@ -160,10 +166,31 @@ class Timeline:
         return next((s["t"] for s in self.samples if s["t"] >= after and field in s and holds(s[field])), None)
 
 
+def kill_until_back(tl: Timeline, system: RingServe, victim: str, at_s: float, timeout_s: float) -> bool:
+    """At ``at_s``, SIGKILL worker ``victim`` (event ``kill``; supervisord restarts it) and wait until it is back
+    in the ring as a new incarnation (event ``back``, True), or ``timeout_s`` passed (False)."""
+    with Redis.from_url(system.redis_url) as redis:
+        membership = Membership(redis, 0, ANNOUNCEMENTS)
+        old = membership.alive()[victim].incarnation
+        tl.sleep_until(at_s)
+        system.kill(victim)
+        tl.event("kill")
+
+        def back() -> bool:
+            member = membership.alive().get(victim)
+            return member is not None and member.incarnation != old
+
+        if tl.wait_for(back, timeout_s):
+            tl.event("back")
+            return True
+    print(f"{victim} was not back within {timeout_s:g} s", flush=True)
+    return False
+
+
 def http_status(url: str) -> int | str:
     """The HTTP status of ``GET url``, or the name of the error when there was no answer."""
     try:
-        with urllib.request.urlopen(url, timeout=STATS_TIMEOUT_S) as response:
+        with auth.get(url, STATS_TIMEOUT_S) as response:  # a model's readiness needs the API key, if any
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -258,5 +285,14 @@ def in_flight_balance(
 
 def one_run_document(ctx: Context, doc: dict[str, Any], finding: dict[str, Any], **config: Any) -> dict[str, Any]:
     """The scenario document of a single live run: its command stamped on the run and on the whole."""
-    doc["config"]["command"] = ctx.command
-    return scenario_document(ctx.name, {**doc["config"], **config}, ctx.machine, [doc], {ctx.name: finding})
+    return runs_document(ctx, [doc], finding, **config)
+
+
+def runs_document(
+    ctx: Context, runs: Sequence[dict[str, Any]], finding: dict[str, Any], **config: Any
+) -> dict[str, Any]:
+    """The scenario document of ``runs``: the command stamped on each and on the whole, whose configuration is
+    the first run's plus ``config``."""
+    for run in runs:
+        run["config"]["command"] = ctx.command
+    return scenario_document(ctx.name, {**runs[0]["config"], **config}, ctx.machine, runs, {ctx.name: finding})

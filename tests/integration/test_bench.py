@@ -51,6 +51,8 @@ ARTIFACTS = {
     "redis-restart": (*LOAD_ARTIFACTS, "redis_restart_timeline.png"),
     "soak": (*LOAD_ARTIFACTS, "soak_memory.png"),
     "binary": (RESULTS_FILE, "performance_report.txt"),
+    "sharding": (*LOAD_ARTIFACTS, "sharding_memory.png"),
+    "cache": LOAD_ARTIFACTS,
 }
 RUNS = {
     "light": 1,
@@ -69,11 +71,16 @@ RUNS = {
     "redis-restart": 1,
     "soak": 1,
     "binary": 2,
+    "sharding": 3,
+    "cache": 3,
 }
 # Settings for the tiny systems of a scenario: a crashed worker leaves the ring after 1 s, not 5.
 ENVIRONMENT = {"failover": {"RINGSERVE_MEMBER_TTL_MS": "1000"}}
 # Scenarios whose failed requests are a measured outcome (a killed worker, Redis), reported rather than asserted.
-MAY_FAIL = {"failover", "redis-restart"}
+MAY_FAIL = {"failover", "redis-restart", "sharding"}
+# Scenarios that take longer than the others' 110 s at their tiny size (sharding: four systems, one after another).
+TIMEOUT_S = {"sharding": 480}
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 
 
 def bench(*args: str, timeout_s: float = 110, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -151,6 +158,19 @@ def check_compare(findings: dict[str, Any], runs: list[dict[str, Any]], report: 
     assert report.count("vs floor:") == len(runs) - 1 and "winner: " in report
 
 
+def check_cache(f: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """--tiny: one round of off, repeats and no repeats; counts, not figures: every repeat (kept >= 1 s after its
+    first) is a hit, nothing else is, /stats counted every request once, and no cached answer was wrong."""
+    assert [r["label"] for r in runs] == ["off r1", "repeats r1", "no repeats r1"]
+    assert [r["config"]["settings"]["CACHE"] for r in runs] == ["off", "on", "on"]
+    off, repeats, fresh = (f["modes"][m]["rounds"][0] for m in ("off", "repeats", "no repeats"))
+    assert off["counted"] == {"hits": 0, "coalesced": 0, "misses": 0} and off["cached_answers"] == 0
+    assert repeats["counted"]["hits"] == repeats["cached_answers"] == f["distinct"] == repeats["counted"]["misses"]
+    assert fresh["counted"] == {"hits": 0, "coalesced": 0, "misses": 2 * f["distinct"]}
+    assert f["hit_rate"] == 0.5 and f["min_gap_s"] >= f["gap_s"] == 1.0
+    assert f["mismatches"] == 0 and f["gateway_cpu_ms"]["miss"] > 0
+
+
 def seen_sum(seen: dict[str, Any], *names: str) -> int:
     return sum(int(seen[n]) for n in names)
 
@@ -165,9 +185,52 @@ def no_process_left(out: Path) -> bool:
     )
 
 
-@pytest.mark.parametrize("name", list(ARTIFACTS))
+def check_sharding(f: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Every answer equal to the unsharded model's; the memory figures, the limit, the join, the leave and the
+    kill all measured (their values, timings and the OOM kills of the sharded workers are reported, not asserted)."""
+    assert f["mismatches"] == 0 and all(f[k]["mismatches"] == 0 for k in ("steady", "churn"))
+    assert f["steady"]["cached"] == 0  # every request reached the workers, not the response cache
+    assert f["replicas2"]["kill"]["mismatches"] == 0
+    assert [r["label"] for r in runs] == ["sharded", "sharded: join, leave", "replicas 2: kill"]
+    assert 0 < f["baseline"]["total"] < f["unsharded"]["total"] and f["table_bytes"] == f["rows"] * 64 * 4
+    for replicas in ("replicas1", "replicas2"):
+        workers = f[replicas]["workers"]
+        assert sorted(workers) == ["worker_1", "worker_2", "worker_3"]
+        assert all(w["table_share"] > 0 and w["over_ideal"] > 0 for w in workers.values())
+        assert sum(m["shard"]["held"] for m in f[replicas]["raw"].values()) == f["rows"] * int(replicas[-1])
+    assert all(m["cgroup"]["limit"] == f["limit"] for m in f["replicas1"]["raw"].values())
+    refused = f["over_limit"]  # an unsharded worker under the limit never holds the table
+    assert refused["limit"] == f["limit"] and not refused["loaded"] and refused["cgroup"]["oom_kills"] >= 1
+    join, leave = f["join"], f["leave"]
+    assert join["added"] == "worker_4" and join["moved_rows"] > 0 and sum(join["loaded"].values()) > 0
+    assert leave["leaver"] == "worker_2" and leave["leaver_held"] > 0
+    assert {"add_worker", "joined", "join_loaded", "leave", "left", "leave_loaded"} <= set(f["events_s"])
+    kill = f["replicas2"]
+    assert kill["victim"] == "worker_2" and kill["back_s"] is not None and kill["restored_s"] is not None
+    assert kill["caught_at_kill"] > 0 and kill["served_again_s"] is not None
+
+
+def scenario_param(name: str) -> Any:
+    if name not in TIMEOUT_S:
+        return name
+    return pytest.param(name, marks=pytest.mark.timeout(TIMEOUT_S[name] + 10))
+
+
+@pytest.mark.parametrize("name", [scenario_param(name) for name in ARTIFACTS])
 def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
-    done = bench("bench.scenario", name, "--tiny", "--out", str(tmp_path), env=ENVIRONMENT.get(name))
+    if name == "sharding" and not (
+        (CGROUP_V1_MEMORY / "memory.limit_in_bytes").exists() and os.access(CGROUP_V1_MEMORY, os.W_OK)
+    ):
+        pytest.skip("sharding limits workers' memory: it needs cgroup v1's memory controller, writable (root)")
+    done = bench(
+        "bench.scenario",
+        name,
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        env=ENVIRONMENT.get(name),
+        timeout_s=TIMEOUT_S.get(name, 110),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for artifact in ARTIFACTS[name]:
         assert (tmp_path / artifact).stat().st_size > 0, artifact
@@ -237,6 +300,10 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         assert "vs floor" not in (tmp_path / "performance_report.txt").read_text()
     if name == "compare":
         check_compare(findings, runs, (tmp_path / "performance_report.txt").read_text())
+    if name == "cache":
+        check_cache(findings["cache"], runs)
+    if name == "sharding":
+        check_sharding(findings["sharding"], runs)
 
 
 def test_load_generator_and_analysis_against_a_running_system(tmp_path: Path) -> None:

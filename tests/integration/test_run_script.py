@@ -7,6 +7,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -275,3 +276,66 @@ def test_an_external_redis_password_is_never_written_or_shown(tmp_path: Path) ->
         subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=120)
         redis_server.kill()
         redis_server.wait()
+
+
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def memory_cgroup(pid: int) -> Path:
+    """The cgroup v1 memory cgroup directory of a process."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return CGROUP_MEMORY / path.lstrip("/")
+    raise AssertionError(f"process {pid} is in no memory cgroup")
+
+
+def environment(pid: int) -> dict[str, str]:
+    pairs = (item.decode().partition("=") for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.skipif(
+    not (CGROUP_MEMORY / "memory.limit_in_bytes").exists() or not os.access(CGROUP_MEMORY, os.W_OK),
+    reason="needs cgroup v1's memory controller, writable (root)",
+)
+def test_worker_memory_limit_puts_each_worker_in_a_cgroup_of_its_own(tmp_path: Path) -> None:
+    """RINGSERVE_WORKER_MEMORY_LIMIT: every worker (also one added later, which keeps start's limit) runs in
+    its own memory cgroup with that limit; `stop` removes them. Settings reach the workers' environment."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(ROOT / "models" / "digits", models / "digits")  # a repository of digits alone
+    limit = "300M"
+    settings = {"WORKER_MEMORY_LIMIT": limit, "SHARDING": "off", "MODEL_REPOSITORY": str(models)}
+    system = RingServe(tmp_path / "run", workers=1, settings=settings)
+    with system:
+        del system.env["RINGSERVE_WORKER_MEMORY_LIMIT"]  # add-worker keeps the limit start applied
+        added = system.add_worker()
+        assert added == "worker_2"
+        # supervisord reports a pid once the program has run for its startsecs
+        wait_until(lambda: "worker_2" in system.pids(), 60, "supervisord to call worker_2 running")
+        cgroups = {}
+        for name in ("worker_1", "worker_2"):
+            pid = system.pids()[name]
+            cgroup = cgroups[name] = memory_cgroup(pid)
+            assert cgroup.name.startswith("ringserve-") and cgroup.name.endswith(f"-{name}"), cgroup
+            assert int((cgroup / "memory.limit_in_bytes").read_text()) == 300 * 1024 * 1024
+            assert str(pid) in (cgroup / "cgroup.procs").read_text().split()
+            env = environment(pid)
+            assert env["RINGSERVE_SHARDING"] == "off" and env["RINGSERVE_MODEL_REPOSITORY"] == str(models)
+        assert cgroups["worker_1"] != cgroups["worker_2"]
+        assert memory_cgroup(system.pids()["gateway"]) != cgroups["worker_1"]  # only workers are limited
+        answer = get(f"{system.url}/infer", {"model": "digits", "key": "u1", "input": ROW})
+        assert len(answer["output"]) == 10
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            get(f"{system.url}/v2/models/heavy")  # not in this repository: the setting reached the gateway too
+    assert not any(cgroup.exists() for cgroup in cgroups.values())
+    assert not (system.run_dir / "cgroups").exists()
+
+
+def test_a_malformed_worker_memory_limit_starts_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "RINGSERVE_RUN_DIR": str(tmp_path / "run"), "RINGSERVE_WORKER_MEMORY_LIMIT": "800MB"}
+    started = subprocess.run([str(ROOT / "docker-free-run.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert started.returncode != 0
+    assert "RINGSERVE_WORKER_MEMORY_LIMIT=800MB: give bytes or a number with K, M or G" in started.stderr
+    assert not (tmp_path / "run" / "supervisord.conf").exists()

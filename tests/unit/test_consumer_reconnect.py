@@ -152,6 +152,7 @@ def fake_consumer(timer: FakeTimer) -> SimpleNamespace:
         connection=SimpleNamespace(default_channel=channel),
         connection_errors=(ConnectionError,),
         timer=timer,
+        event_dispatcher=None,
     )
 
 

@@ -1,0 +1,453 @@
+"""The response cache: deterministic models' answers kept in Redis, shared by every gateway process.
+
+An entry is keyed by :func:`digest` of the model, the version and the input tensors (names,
+datatypes, shapes, bytes), as Triton keys its cache. It holds the whole result, every output, so
+the outputs a request asks for (v2 ``outputs``, ``binary_data``) are picked by the route and are
+not part of the key. Only results are stored, never errors.
+
+One key per entry carries both states of a computation: while a request computes it, the key
+holds that request's lock (``lock:<token>``, expiring after :data:`LEASE_MS` unless its process
+renews it); then the answer replaces the lock. So a lookup that finds nothing takes the lock in the
+same round trip (one Lua script), and identical requests arriving meanwhile, in any gateway
+process, wait for that one computation instead of repeating it (single flight): in this process
+on the leader's own flight, elsewhere on a stream the leader's end is announced on. A waiting
+request looks again when the leader ends, when a lease has passed (a leader whose process died
+stops renewing) or never after its own deadline; finding no lock, it computes itself.
+
+What happens after the answer (storing it, giving up a failed leader's lock, renewing held locks,
+counting) is written by one thread per process, many entries per round trip, off the request path.
+
+Bounds (Redis runs ``noeviction``, so nothing else evicts): every entry expires after the TTL, and
+the entries' bytes (value, key and :data:`ENTRY_OVERHEAD_BYTES` of Redis bookkeeping each) are
+counted in :data:`~tasks.contract.CACHE_BYTES_KEY`; each store drops the oldest entries
+(:data:`~tasks.contract.CACHE_INDEX_KEY`, by time stored) until the sum is within the budget
+again. The scripts name entry keys they build from the index, so the cache needs a single Redis
+(or Sentinel), not Redis Cluster.
+
+A Redis error in the cache is a miss: the request is computed as if there were no cache, and
+this process skips the cache for :data:`RETRY_S`; what it reads is validated
+(:func:`tasks.contract.decode_cached`), and garbage is a miss whose answer replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from redis import Redis
+from redis.exceptions import NoScriptError, RedisError
+
+from app.errors import DeadlineExceeded
+from tasks.contract import (
+    CACHE_BYTES_KEY,
+    CACHE_ENTRY_PREFIX,
+    CACHE_INDEX_KEY,
+    CACHE_LOCK_PREFIX,
+    CACHE_SIZES_KEY,
+    MAX_NAME_CHARS,
+    STATS_CACHE_KEY,
+    ContractError,
+    Result,
+    Tensor,
+    cache_done_key,
+    cache_entry_key,
+    cache_waiting_key,
+    decode_cached,
+    decode_counts,
+    encode_cached,
+)
+
+log = logging.getLogger(__name__)
+
+LEASE_MS = 1_000  # a computation's lock lives this long unless renewed: how soon others take over from a dead leader
+RENEW_S = LEASE_MS / 1000 / 3  # how often held locks are renewed
+RETRY_S = 1.0  # after a Redis error, this process leaves the cache alone this long (no timeout per request)
+ENTRY_OVERHEAD_BYTES = 512  # Redis's bookkeeping per entry: key, expiry, index and size entries (measured)
+PURGE_PER_STORE = 64  # expired entries a store removes from the index at most
+EVICT_PER_STORE = 1_000  # entries a store evicts at most, so that no script holds Redis for long
+FLUSH_S = 0.01  # the writer waits this long after a job for others: one round trip stores many answers
+WAITED = "no result within the request's deadline (an identical request was being computed)"
+
+# KEYS[1] the entry, KEYS[2] the counters; ARGV: the lock to take, its lease, the counter of a hit,
+# the lock prefix. Returns the entry (an answer or another's lock), or nothing: the lock is ours.
+LOOKUP = """
+local found = redis.call('GET', KEYS[1])
+if found then
+  if string.sub(found, 1, #ARGV[4]) ~= ARGV[4] then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
+  return found
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'misses', 1)
+return false
+"""
+
+# KEYS: index, sizes, bytes, then per entry: its key, its waiting flag, its done stream.
+# ARGV: ttl ms, budget, lease ms, entry prefix, overhead, purge limit, evict limit, then per entry: digest, answer.
+STORE = """
+local index, sizes, bytes_key = KEYS[1], KEYS[2], KEYS[3]
+local ttl, budget, lease, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local overhead, purge, evict = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = clock[1] * 1000000 + clock[2]  -- microseconds: entries are ordered by when they were stored
+local total = tonumber(redis.call('GET', bytes_key)) or 0
+local function forget(digest)
+  total = total - (tonumber(redis.call('HGET', sizes, digest)) or 0)
+  redis.call('HDEL', sizes, digest)
+  redis.call('ZREM', index, digest)
+end
+for _, digest in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - ttl * 1000, 'LIMIT', 0, purge)) do
+  forget(digest)  -- expired: its entry is gone already
+end
+for i = 0, (#KEYS - 3) / 3 - 1 do
+  local key, waiting, done = KEYS[4 + 3 * i], KEYS[5 + 3 * i], KEYS[6 + 3 * i]
+  local digest, answer = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  local size = #answer + #key + overhead
+  total = total + size - (tonumber(redis.call('HGET', sizes, digest)) or 0)
+  redis.call('SET', key, answer, 'PX', ttl)
+  redis.call('ZADD', index, now + i, digest)  -- + i: one store's entries keep their order too
+  redis.call('HSET', sizes, digest, size)
+  if redis.call('EXISTS', waiting) == 1 then
+    redis.call('XADD', done, '*', 'stored', '1')
+    redis.call('PEXPIRE', done, lease)
+  end
+end
+local evicted = 0
+while total > budget and evicted < evict do
+  local oldest = redis.call('ZRANGE', index, 0, 0)[1]
+  if not oldest then total = 0 break end
+  redis.call('DEL', prefix .. oldest)
+  forget(oldest)
+  evicted = evicted + 1
+end
+redis.call('SET', bytes_key, total)
+return evicted
+"""
+
+# A leader that failed: KEYS entry, waiting flag, done stream; ARGV its lock, the lease.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('XADD', KEYS[3], '*', 'stored', '0')
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+"""
+
+# KEYS: entries; ARGV: the lease, then each entry's lock. Renews the locks that are still ours.
+RENEW = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+"""
+SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (LOOKUP, STORE, RELEASE, RENEW)}
+
+
+def digest(model: str, version: str, tensors: Sequence[Tensor]) -> str:
+    """BLAKE2b-256 of the model, the version and every input's name, datatype, shape and bytes.
+
+    The header is msgpack, and each tensor's datatype and shape fix its length (validated at the edge), so
+    no two requests hash the same bytes.
+    """
+    header = msgpack.packb([model, version, [[t.name, t.datatype, t.shape] for t in tensors]])
+    h = hashlib.blake2b(header, digest_size=32)
+    for t in tensors:
+        h.update(t.data)
+    return h.hexdigest()
+
+
+@dataclass
+class Flight:
+    """A computation this process is leading; requests for the same digest here wait on it."""
+
+    result: Result | None = None  # None when it ended without one
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+@dataclass(frozen=True)
+class Store:
+    digest: str
+    lock: bytes
+    result: Result
+
+
+@dataclass(frozen=True)
+class Release:
+    digest: str
+    lock: bytes
+
+
+class Cache:
+    """``through(model, version, tensors, deadline, compute)``: the cached answer, or ``compute()``'s.
+
+    ``redis`` is the cache's own client (its socket timeout must outlast a lease); ``owner`` names
+    this process in its locks.
+    """
+
+    def __init__(self, redis: Redis, ttl_s: int, max_bytes: int, owner: str) -> None:
+        self._redis = redis
+        self._ttl_ms = ttl_s * 1000
+        self.max_bytes = max_bytes
+        self._owner = owner
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._flights: dict[str, Flight] = {}
+        self._held: dict[str, bytes] = {}  # digest -> our lock, while we compute or store it
+        self._jobs: queue.SimpleQueue[Store | Release | str | None] = queue.SimpleQueue()  # str: a join
+        self._skip_until = 0.0
+        self.errors = 0  # Redis errors this process met (each made a miss)
+        self.waiting = 0  # requests of this process waiting for another's computation now
+        self._thread = threading.Thread(target=self._write, name="ringserve-cache", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._redis.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def through(
+        self, model: str, version: str, tensors: Sequence[Tensor], deadline: float, compute: Callable[[], Result]
+    ) -> tuple[Result, bool]:
+        """The answer and whether it came from the cache (stored, or computed for an identical request
+        meanwhile). Raises what ``compute`` raises, or DeadlineExceeded while waiting for another's."""
+        key = digest(model, version, tensors)
+        while True:
+            with self._lock:
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = Flight()
+                    break
+            joined = self._join(flight, deadline)
+            if joined is not None:
+                self._jobs.put(key)
+                return joined, True
+            # its leader failed: this request tries again, perhaps as the leader
+        result: Result | None = None
+        try:
+            result, cached = self._shared(key, deadline, compute)
+            return result, cached
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.result = result
+            flight.done.set()
+
+    def _join(self, flight: Flight, deadline: float) -> Result | None:
+        """Wait for a computation of this process: its result, or None if it failed."""
+        with self._lock:
+            self.waiting += 1
+        try:
+            if not flight.done.wait(max(0.0, deadline - time.monotonic())):
+                raise DeadlineExceeded(WAITED)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        return flight.result
+
+    def _shared(self, key: str, deadline: float, compute: Callable[[], Result]) -> tuple[Result, bool]:
+        """Look ``key`` up in Redis: its answer, or the lock to compute it, or wait for whoever holds it."""
+        if time.monotonic() < self._skip_until:
+            return compute(), False
+        lock = CACHE_LOCK_PREFIX + f"{self._owner}:{next(self._ids)}".encode()
+        hit = "hits"
+        while True:
+            try:
+                found = self._lookup(key, lock, hit)
+            except RedisError as exc:
+                self._failed(exc)
+                return compute(), False
+            if found is None:
+                return self._lead(key, lock, compute), False
+            if not found.startswith(CACHE_LOCK_PREFIX):
+                try:
+                    return decode_cached(found, key), True
+                except ContractError as exc:
+                    log.warning("cache: entry %s does not decode (%s); computing it again", key[:16], exc)
+                    if not self._replace(key, lock):
+                        return compute(), False
+                    return self._lead(key, lock, compute), False
+            token = found[len(CACHE_LOCK_PREFIX) :].decode(errors="replace")
+            if len(token) > MAX_NAME_CHARS:
+                return compute(), False  # not a lock of ours: garbage that expires by itself
+            try:
+                self._follow(key, token, found, deadline)
+            except RedisError as exc:
+                self._failed(exc)
+                return compute(), False
+            hit = "coalesced"
+
+    def _lead(self, key: str, lock: bytes, compute: Callable[[], Result]) -> Result:
+        with self._lock:
+            self._held[key] = lock
+        try:
+            result = compute()
+        except BaseException:
+            self._jobs.put(Release(key, lock))
+            raise
+        self._jobs.put(Store(key, lock, result))
+        return result
+
+    def _follow(self, key: str, token: str, lock: bytes, deadline: float) -> None:
+        """Wait until the computation holding ``lock`` ends, a lease passes or ``deadline`` does."""
+        with self._lock:
+            self.waiting += 1
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(cache_waiting_key(token), 1, px=2 * LEASE_MS)
+            pipe.get(cache_entry_key(key))
+            if pipe.execute()[1] != lock:
+                return  # it ended meanwhile
+            wait_ms = int(min(deadline - time.monotonic(), LEASE_MS / 1000) * 1000)
+            if wait_ms <= 0:
+                raise DeadlineExceeded(WAITED)
+            self._redis.xread({cache_done_key(token): "0-0"}, count=1, block=wait_ms)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def _lookup(self, key: str, lock: bytes, hit: str) -> bytes | None:
+        """The LOOKUP script on ``key``; a Redis that lost its scripts (a restart) is given it again."""
+        keys_and_args = (cache_entry_key(key), STATS_CACHE_KEY, lock, LEASE_MS, hit, CACHE_LOCK_PREFIX)
+        try:
+            return self._redis.evalsha(SHA1[LOOKUP], 2, *keys_and_args)  # type: ignore[no-any-return]
+        except NoScriptError:
+            self._redis.script_load(LOOKUP)
+            return self._redis.evalsha(SHA1[LOOKUP], 2, *keys_and_args)  # type: ignore[no-any-return]
+
+    def _failed(self, exc: RedisError) -> None:
+        with self._lock:
+            self.errors += 1
+            first = time.monotonic() >= self._skip_until
+            self._skip_until = time.monotonic() + RETRY_S
+        if first:
+            log.warning("cache: Redis failed (%s); answering without the cache for %g s", exc, RETRY_S)
+
+    def _replace(self, key: str, lock: bytes) -> bool:
+        """Take the lock over garbage (counted as the miss it is, not the hit the lookup counted)."""
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(cache_entry_key(key), lock, px=LEASE_MS)
+            pipe.hincrby(STATS_CACHE_KEY, "hits", -1)
+            pipe.hincrby(STATS_CACHE_KEY, "misses", 1)
+            pipe.execute()
+            return True
+        except RedisError as exc:
+            self._failed(exc)
+            return False
+
+    # -- the writer thread ---------------------------------------------------------------------
+
+    def _write(self) -> None:
+        renewed = time.monotonic()
+        while True:
+            jobs = self._take(max(0.0, renewed + RENEW_S - time.monotonic()))
+            if jobs is None:
+                return
+            due = time.monotonic() - renewed >= RENEW_S
+            try:
+                self._flush(jobs, renew=due)
+            except Exception:  # the writer must survive anything; what it held expires
+                log.exception("cache: writer error")
+            if due:
+                renewed = time.monotonic()
+
+    def _take(self, timeout_s: float | None) -> list[Store | Release | str] | None:
+        """Every job queued :data:`FLUSH_S` after the first, waiting up to ``timeout_s`` for it; None: stop."""
+        jobs: list[Store | Release | str] = []
+        try:
+            job = self._jobs.get(timeout=timeout_s)
+        except queue.Empty:
+            return jobs
+        if job is not None:
+            time.sleep(FLUSH_S)
+        while job is not None:
+            jobs.append(job)
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return jobs
+        return None
+
+    def _flush(self, jobs: list[Store | Release | str], renew: bool) -> None:
+        """One round trip: the answers to store, the failed leaders' locks, renewals, joins to count."""
+        stores = [j for j in jobs if isinstance(j, Store)]
+        releases = [j for j in jobs if isinstance(j, Release)]
+        joins = sum(1 for j in jobs if isinstance(j, str))
+        with self._lock:
+            ended: list[Store | Release] = [*stores, *releases]
+            for job in ended:
+                if self._held.get(job.digest) == job.lock:
+                    del self._held[job.digest]
+            held = dict(self._held) if renew else {}
+        scripts: list[tuple[str, list[Any]]] = []  # (script, keys + args) each
+        if stores:
+            keys = [CACHE_INDEX_KEY, CACHE_SIZES_KEY, CACHE_BYTES_KEY]
+            args: list[Any] = [self._ttl_ms, self.max_bytes, LEASE_MS, CACHE_ENTRY_PREFIX]
+            args += [ENTRY_OVERHEAD_BYTES, PURGE_PER_STORE, EVICT_PER_STORE]
+            for job in stores:
+                token = job.lock[len(CACHE_LOCK_PREFIX) :].decode()
+                keys += [cache_entry_key(job.digest), cache_waiting_key(token), cache_done_key(token)]
+                args += [job.digest, encode_cached(job.result)]
+            scripts.append((STORE, [len(keys), *keys, *args]))
+        for job in releases:
+            token = job.lock[len(CACHE_LOCK_PREFIX) :].decode()
+            keys = [cache_entry_key(job.digest), cache_waiting_key(token), cache_done_key(token)]
+            scripts.append((RELEASE, [len(keys), *keys, job.lock, LEASE_MS]))
+        if held:
+            scripts.append((RENEW, [len(held), *map(cache_entry_key, held), LEASE_MS, *held.values()]))
+        if not scripts and not joins:
+            return
+        for attempt in range(2):  # again once if Redis lost the scripts (a restart)
+            pipe = self._redis.pipeline(transaction=False)
+            for script, keys_and_args in scripts:
+                pipe.evalsha(SHA1[script], *keys_and_args)
+            if joins:
+                pipe.hincrby(STATS_CACHE_KEY, "coalesced", joins)
+            try:
+                results = pipe.execute(raise_on_error=False)
+            except RedisError as exc:
+                self._failed(exc)
+                return
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                for script, _ in scripts:
+                    self._redis.script_load(script)
+                continue
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                self._failed(RedisError(errors[0]))
+            return
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Hits, joins and misses over every gateway; bytes and entries held; this process's errors."""
+        figures: dict[str, Any] = {
+            "max_bytes": self.max_bytes,
+            "ttl_s": self._ttl_ms // 1000,
+            "errors_this_process": self.errors,
+            "waiting_this_process": self.waiting,
+        }
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(STATS_CACHE_KEY)
+            pipe.get(CACHE_BYTES_KEY)
+            pipe.zcard(CACHE_INDEX_KEY)
+            counts, held, entries = pipe.execute()
+        except RedisError as exc:
+            return figures | {"unavailable": str(exc)}
+        counted = decode_counts(counts)
+        held_bytes = int(held) if held is not None and held.isdigit() else 0
+        shared = {name: counted.get(name, 0) for name in ("hits", "coalesced", "misses")}
+        return figures | shared | {"bytes": held_bytes, "entries": int(entries)}
