@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from app import binary
 from app.errors import BadRequest, NotFound, Unauthorized, Unavailable
+from app.exposition import queue_stats, stats_of
 from app.gateway import Gateway
 from app.openapi import document
 from app.schemas import (
@@ -33,14 +34,8 @@ from app.schemas import (
 )
 from app.submit import reported_rows
 from tasks.contract import (
-    STATS_BATCHES_KEY,
-    STATS_DROPPED_KEY,
     STATS_ERRORS_KEY,
-    STATS_EXPIRED_KEY,
-    STATS_ROUTED_KEY,
-    STATS_SPILLED_KEY,
     decode_counts,
-    queue_name,
 )
 from tasks.metadata import ModelMetadata
 
@@ -307,17 +302,11 @@ def stats() -> Response:
     gw = gateway()
     router = gw.dispatcher.router
     members = router.members
+    nodes = list(members)
     pipe = gw.redis.pipeline(transaction=False)
-    pipe.hgetall(STATS_ROUTED_KEY)
-    pipe.hgetall(STATS_BATCHES_KEY)
-    pipe.hgetall(STATS_ERRORS_KEY)
-    pipe.hgetall(STATS_EXPIRED_KEY)
-    pipe.hgetall(STATS_DROPPED_KEY)
-    pipe.hgetall(STATS_SPILLED_KEY)
-    for node in members:
-        pipe.llen(queue_name(node))
+    queue_stats(pipe, nodes)
     try:
-        routed, batches, errors, expired, dropped, spilled, *depths = pipe.execute()
+        hashes, depths = stats_of(pipe.execute(), nodes)
         all_rows = reported_rows(gw.redis)
         shards = gw.shard_reports()
     except RedisError as exc:
@@ -327,13 +316,13 @@ def stats() -> Response:
         {
             "members": {node: member.weight for node, member in members.items()},
             "rows_in_flight_per_node": dict(sorted(all_rows.items())),
-            "requests_per_node": ints(routed),
-            "spilled_per_node": ints(spilled),
-            "queue_depths": dict(zip(members, depths, strict=True)),
-            "batch_size_histogram": ints(batches),
-            "errors_by_status": ints(errors),
-            "expired_skipped_per_node": ints(expired),
-            "dropped_messages": ints(dropped),
+            "requests_per_node": ints(hashes["routed"]),
+            "spilled_per_node": ints(hashes["spilled"]),
+            "queue_depths": depths,
+            "batch_size_histogram": ints(hashes["batches"]),
+            "errors_by_status": ints(hashes["errors"]),
+            "expired_skipped_per_node": ints(hashes["expired"]),
+            "dropped_messages": ints(hashes["dropped"]),
             "shards": {node: {t: s.wire() for t, s in tables.items()} for node, tables in shards.items()},
             "cache": gw.cache_stats(),  # its Redis may be another: its failure is a field, not a 503
             "open_breakers_this_process": router.open_breakers(),

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from app.submit import live_reports, reported_rows
 from tasks.contract import (
@@ -97,18 +99,29 @@ class _Decoder:
         return out
 
 
+def queue_stats(pipe: Pipeline, nodes: list[str]) -> None:
+    """Queue the reads of the /stats hashes and of each node's queue depth (see :func:`stats_of`)."""
+    for key in STATS_HASHES.values():
+        pipe.hgetall(key)
+    for node in nodes:
+        pipe.llen(queue_name(node))
+
+
+def stats_of(results: list[Any], nodes: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """What :func:`queue_stats` read: the hashes by their name in STATS_HASHES, and node -> queue depth."""
+    hashes, depths = results[: len(STATS_HASHES)], results[len(STATS_HASHES) :]
+    return dict(zip(STATS_HASHES, hashes, strict=True)), dict(zip(nodes, depths, strict=True))
+
+
 def read_snapshot(redis: Redis, members: Mapping[str, float], drops: Drops) -> Snapshot:
     """Everything /metrics shows, in five round trips (and one more to prune departed reporters).
     Raises RedisError."""
     nodes = sorted(members)
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(METRICS_KEY)
-    for key in STATS_HASHES.values():
-        pipe.hgetall(key)
-    for node in nodes:
-        pipe.llen(queue_name(node))
+    queue_stats(pipe, nodes)
     raw, *rest = pipe.execute()
-    raw_stats, depths = rest[: len(STATS_HASHES)], rest[len(STATS_HASHES) :]
+    raw_stats, depths = stats_of(rest, nodes)
     decoder = _Decoder(drops)
     gauges: Counter[Series] = Counter()
     for _, report in live_reports(redis, METRICS_GATEWAYS_KEY, metrics_gauges_key):
@@ -116,9 +129,9 @@ def read_snapshot(redis: Redis, members: Mapping[str, float], drops: Drops) -> S
     return Snapshot(
         counters=decoder.series(raw),
         gauges=gauges,
-        stats={name: decoder.counts(h) for name, h in zip(STATS_HASHES, raw_stats, strict=True)},
+        stats={name: decoder.counts(h) for name, h in raw_stats.items()},
         members=dict(members),
-        depths=dict(zip(nodes, depths, strict=True)),
+        depths=depths,
         rows_in_flight=dict(reported_rows(redis)),
         unreadable=decoder.unreadable,
     )

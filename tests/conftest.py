@@ -24,6 +24,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
 
+from bench import procs
+from bench.system import RingServe
 from hashing.membership import Membership
 from tasks.contract import ANNOUNCEMENTS
 from tasks.settings import Settings
@@ -285,4 +287,18 @@ class ClosedLoop:
 
     def failed(self) -> list[int]:
         return [status for status, _ in self.results if status != 200]
+
+
+def kill_a_gateway_process(system: RingServe) -> Callable[[], bool]:
+    """SIGKILL one of granian's two gateway processes; returns "granian has respawned it"."""
+    gateway = system.pids()["gateway"]
+    forks = procs.children_map().get(gateway, [])
+    assert len(forks) == 2
+    os.kill(forks[0], signal.SIGKILL)
+
+    def respawned() -> bool:
+        now = procs.children_map().get(gateway, [])
+        return len(now) == 2 and forks[0] not in now
+
+    return respawned
 

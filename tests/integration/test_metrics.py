@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 import urllib.request
@@ -18,11 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from app.metrics import EXTENSION, FLUSH_LUA, FLUSH_S
-from bench import procs
 from bench.system import RingServe
 from tasks.contract import METRICS_GATEWAYS_KEY, METRICS_KEY, STATS_ROUTED_KEY, metrics_gauges_key
 from tasks.settings import Settings
-from tests.conftest import Cluster, RedisServer, make_settings, wait_until
+from tests.conftest import Cluster, RedisServer, kill_a_gateway_process, make_settings, wait_until
 
 ROW = [1.0] * 64
 DIGITS = (("model", "digits"), ("version", "1"))
@@ -201,16 +198,7 @@ def test_counts_are_exact_over_gateway_processes_and_survive_a_killed_one(tmp_pa
         print(f"batch size from /metrics {count / executions:.3f}, from the answers {seen:.3f}")
         assert count == 400 and count / executions == pytest.approx(seen, rel=1e-9)
 
-        gateway = system.pids()["gateway"]
-        forks = procs.children_map().get(gateway, [])
-        assert len(forks) == 2
-        os.kill(forks[0], signal.SIGKILL)
-
-        def respawned() -> bool:
-            now = procs.children_map().get(gateway, [])
-            return len(now) == 2 and forks[0] not in now
-
-        wait_until(respawned, 10, "granian to respawn the killed process")
+        wait_until(kill_a_gateway_process(system), 10, "granian to respawn the killed process")
         time.sleep(3)  # well past any expiry of what a dead process reported (gauges: 1 s)
         assert success(http_scrape(system)) - success(before) == 400  # nothing flushed was lost
         send(system, 100)

@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ from bench import procs
 from bench.system import RingServe, supervised_pids
 from hashing.membership import Membership
 from tasks.contract import ANNOUNCEMENTS
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, free_port, kill_a_gateway_process, wait_until
 
 API_KEY = "test-api-key-4f1d9c"
 ROW = [1.0] * 64
@@ -209,15 +208,7 @@ def test_crashed_processes_come_back_under_load(tmp_path: Path) -> None:
 
             # One gateway process: granian respawns it; the other process's requests never fail.
             gateway = system.pids()["gateway"]
-            forks = procs.children_map().get(gateway, [])
-            assert len(forks) == 2
-            os.kill(forks[0], signal.SIGKILL)
-
-            def respawned() -> bool:
-                now = procs.children_map().get(gateway, [])
-                return len(now) == 2 and forks[0] not in now
-
-            gateway_back_s = back_after(respawned)
+            gateway_back_s = back_after(kill_a_gateway_process(system))
             time.sleep(2.0)
             statuses, broken = load.take()
             print(f"gateway process respawned after {gateway_back_s:.2f} s; answers {dict(statuses)}, {broken} broken")
