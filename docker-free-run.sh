@@ -277,6 +277,7 @@ cmd_start() {
     "--address=$FLOWER_HOST --port=$FLOWER_PORT --max_tasks=10000"
   write_supervisor_conf
   export RINGSERVE_RUN_DIR="$RUN"  # every process carries it: `stop` can be checked against it
+  export RINGSERVE_GATEWAY_PROCESSES="$GATEWAY_PROCESSES"  # each gateway process bounds its part of a batch
   "$VENV/bin/supervisord" -c "$CONF"
   for i in $(seq 1 "$WORKERS"); do
     wait_for 60 has_member "worker_$i" || { log "worker_$i did not join; see run/logs/worker_$i.log"; exit 1; }

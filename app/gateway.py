@@ -69,7 +69,7 @@ class Gateway:
                 s.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
             )
             breaker = Breaker(s.breaker_failures, s.breaker_cooldown_ms / 1000)
-            router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker)
+            router = Router(s.vnodes, s.load_factor, s.max_in_flight_per_worker, breaker, processes=s.gateway_processes)
             self.dispatcher = Dispatcher(self.redis, router, s.queue_grace_s)
             self.follower = Follower(
                 Membership(self.redis, s.member_ttl_ms, ANNOUNCEMENTS),

@@ -2,16 +2,21 @@
 
 A key goes to its owner on the ring unless bounded loads ("Consistent Hashing with Bounded
 Loads", weighted) spill it to the next node. The router counts this gateway process's rows in
-flight per worker; a worker is *full* only above both one batch of the request's model
-(``floor_rows``: while its rows fit in one batch, more requests cost it nothing but a fuller
-batch, so a key always meets its owner under light load) and ``load_factor`` × its
-weight-proportional share of the rows in flight. Each gateway process bounds its own share:
-processes do not exchange counts (that would cost a Redis round trip per request), so over G
-processes a worker holds at most ``load_factor`` × its share of everybody's rows plus G
-batches. A worker with more than ``max_in_flight`` of our requests is full (the caller answers
-429). Workers whose breaker is open, or whose one half-open probe is in flight
-(:mod:`app.breaker`), and workers that missed their heartbeats (*silent*) are left out while
-any other remains.
+flight per worker; a worker is *full* only above both its share of one batch of the request's
+model (``floor_rows``: while a worker's rows fit in a batch, more requests cost it nothing but
+a fuller batch, so a key always meets its owner under light load) and ``load_factor`` × its
+weight-proportional share of the rows in flight. Each gateway process bounds only its own rows:
+to an equal part of the batch among the gateway processes (those started beside it on this host,
+``RINGSERVE_GATEWAY_PROCESSES``, or more if more report rows in flight, counted every 100 ms),
+and to ``load_factor`` × the worker's share of its own rows. Summed over the processes, a worker
+then holds at most one batch while every process is below its part of it, and at most
+``load_factor`` × its share of everybody's rows while every process is above it, whatever the
+processes' rows do between reports. (Weighing the others' last reported rows per worker instead
+would act on counts up to 100 ms stale exactly where bounded loads matter; exchanging them per
+request would cost a Redis round trip each.) A worker with
+more than ``max_in_flight`` of our requests is full (the caller answers 429). Workers whose breaker is
+open, or whose one half-open probe is in flight (:mod:`app.breaker`), and workers that missed
+their heartbeats (*silent*) are left out while any other remains.
 """
 
 from __future__ import annotations
@@ -20,14 +25,13 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.breaker import Breaker
 from hashing.membership import Member
 from hashing.ring import EmptyRingError, Ring
 
-OTHERS_FRESH_S = 0.5  # older reports of the other gateway processes are ignored
 QUIET_S = 0.5  # a silent worker that has not answered for this long is routed around
 
 
@@ -61,8 +65,10 @@ class Router:
         max_in_flight: int,
         breaker: Breaker,
         clock: Callable[[], float] = time.monotonic,
+        processes: int = 1,
     ) -> None:
         self._clock = clock
+        self._processes = max(1, processes)  # gateway processes started together: they share the batch floor
         self._vnodes = vnodes
         self._load_factor = load_factor  # < 1: bounded loads off, plain ring lookup
         self._max_in_flight = max_in_flight
@@ -76,8 +82,7 @@ class Router:
         self._ring = Ring(vnodes)
         self._in_flight: Counter[str] = Counter()  # requests, for max_in_flight
         self._rows: Counter[str] = Counter()  # their rows, for bounded loads
-        self._others_rows: Counter[str] = Counter()  # the other gateway processes' (reported)
-        self._others_at = -math.inf  # when they reported them
+        self._peers = 0  # other gateway processes with rows in flight, as last counted
 
     def __len__(self) -> int:
         return len(self._members)
@@ -91,11 +96,13 @@ class Router:
         with self._lock:
             return {n: c for n, c in self._in_flight.items() if c}
 
-    def set_others_rows(self, rows: Mapping[str, int], now: float) -> None:
-        """The other gateway processes' rows in flight per worker, as they reported them at ``now``."""
+    def set_peers(self, count: int) -> None:
+        """How many other gateway processes have rows in flight (more than were started beside this
+        one: gateways on other hosts): each keeps a worker within an equal part of one batch, so
+        that together they keep it within one. Counted every 100 ms while this process has rows in
+        flight; the last count holds in between."""
         with self._lock:
-            self._others_rows = Counter(rows)
-            self._others_at = now
+            self._peers = max(0, count)
 
     def rows_in_flight(self) -> dict[str, int]:
         """Their rows per node: what bounded loads weigh."""
@@ -145,21 +152,20 @@ class Router:
     def acquire(self, key: str, rows: int = 1, floor_rows: int = 0, position: int | None = None) -> Lease:
         """The node for a request of ``rows`` rows under ``key``, counted until :meth:`release`.
 
-        Bounded loads count rows in flight and engage only above ``floor_rows`` per worker (one
-        batch of the request's model): while a worker's rows fit in a batch, a key meets its
-        owner. A request given a ring ``position`` (rows of a sharded table) goes to its owner:
-        only the holders of those rows have them. If the node's breaker is half-open, this
-        request becomes its probe and the node leaves the ring until the probe is released.
+        Bounded loads count this process's rows in flight and engage only above its part of
+        ``floor_rows`` per worker (one batch of the request's model): while a worker's rows fit
+        in a batch, a key meets its owner. A request given a ring ``position`` (rows of a
+        sharded table) goes to its owner: only the holders of those rows have them. If the node's
+        breaker is half-open, this request becomes its probe and the node leaves the ring until
+        the probe is released.
         """
         with self._lock:
             self._follow_exclusions()
             owner = self._ring.lookup(key) if position is None else self._ring.lookup_hash(position)
             node = owner
             if self._load_factor >= 1 and position is None:
-                loads = self._rows
-                if self._clock() - self._others_at < OTHERS_FRESH_S:
-                    loads = self._rows + self._others_rows
-                node = self._ring.lookup_bounded(key, loads, self._load_factor, floor_rows, rows)
+                floor = floor_rows / max(self._processes, 1 + self._peers)
+                node = self._ring.lookup_bounded(key, self._rows, self._load_factor, floor, rows)
             if self._in_flight[node] >= self._max_in_flight:
                 raise WorkerFull(node)
             probe = self._breaker.try_probe(node)

@@ -70,13 +70,12 @@ def live_reports(redis: Redis, ids_key: str, report_key: Callable[[str], str]) -
     return [(i.decode(errors="replace"), report) for i, report in zip(ids, reports, strict=True) if report]
 
 
-def reported_rows(redis: Redis, exclude: str | None = None) -> Counter[str]:
+def reported_rows(redis: Redis) -> Counter[str]:
     """Rows in flight per worker, summed over the gateway processes that reported in the last
-    LOAD_REPORT_TTL_MS (but ``exclude``). Raises RedisError."""
+    LOAD_REPORT_TTL_MS. Raises RedisError."""
     total: Counter[str] = Counter()
-    for gateway_id, load in live_reports(redis, GATEWAYS_KEY, gateway_load_key):
-        if gateway_id != exclude:
-            total.update(decode_counts(load))
+    for _, load in live_reports(redis, GATEWAYS_KEY, gateway_load_key):
+        total.update(decode_counts(load))
     return total
 
 
@@ -366,9 +365,9 @@ class Dispatcher:
                 self._fail(calls, Unavailable("the gateway could not queue the request"))
 
     def _report_load(self) -> None:
-        """Every LOAD_REPORT_S while busy: publish this process's rows in flight per worker, and
-        hand the other gateway processes' to the router, so that bounded loads weigh everybody's
-        rows (at most LOAD_REPORT_S old) at no Redis round trip per request.
+        """Every LOAD_REPORT_S while busy: publish this process's rows in flight per worker (for
+        /stats and /metrics), and tell the router how many other gateway processes are busy: each
+        keeps a worker within an equal part of one batch.
         """
         now = time.monotonic()
         if now - self._load_reported_at < LOAD_REPORT_S:
@@ -386,7 +385,8 @@ class Dispatcher:
                 pipe.sadd(GATEWAYS_KEY, self.gateway_id)
             pipe.execute()
             self._load_reported = rows
-            self.router.set_others_rows(reported_rows(self._redis, exclude=self.gateway_id), now)
+            busy = live_reports(self._redis, GATEWAYS_KEY, gateway_load_key)
+            self.router.set_peers(sum(gateway_id != self.gateway_id for gateway_id, _ in busy))
         except RedisError as exc:
             log.debug("sender: load not reported: %s", exc)
 

@@ -270,7 +270,9 @@ def findings_section(findings: dict[str, Any]) -> list[str]:
                 inf = m["in_flight"]
                 lines.append(
                     f"   {point['concurrent']:>4} users {mode:<9} (load factor {m['load_factor']:g}):"
-                    f" {_n(m['throughput_rps'])} req/s, p99 {_n(m['p99_ms'], 1)} ms, failed {m['failed']:,},"
+                    f" {_n(m['throughput_rps'])} req/s, p99 {_n(m['p99_ms'], 1)} ms"
+                    f" (medians of {point['rounds']}: {', '.join(_n(t) for t in m['throughput_rps_rounds'])} req/s),"
+                    f" failed {m['failed']:,},"
                     f" spilled {m['spilled']:,} of {m['routed']:,} {m['spilled_per_node'] or ''};"
                     f" busiest/bound max {_n(inf['max_over_bound'], 2)} ({inf['samples_over_bound']} of"
                     f" {inf['samples']} samples > 1, busiest {_n(inf['max_busiest_rows'])} rows),"

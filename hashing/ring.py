@@ -146,7 +146,7 @@ class Ring:
         key: bytes | str,
         loads: Mapping[str, int],
         c: float = DEFAULT_LOAD_FACTOR,
-        floor: int = 0,
+        floor: float = 0,
         size: int = 1,
     ) -> str:
         """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam, 2018), weighted.

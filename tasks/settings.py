@@ -61,6 +61,7 @@ class Settings:
     batch_idle_ms: float = BATCH_IDLE_MS
     request_timeout_ms: int = REQUEST_TIMEOUT_MS
     load_factor: float = LOAD_FACTOR
+    gateway_processes: int = 1  # granian's processes on this host: each keeps a worker within its part of a batch
     max_in_flight_per_worker: int = MAX_IN_FLIGHT_PER_WORKER
     breaker_failures: int = BREAKER_FAILURES
     breaker_cooldown_ms: int = BREAKER_COOLDOWN_MS

@@ -268,6 +268,7 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
             assert m["in_flight"]["samples"] > 0 and m["in_flight"]["max_busiest_rows"] > 0
             assert m["spilled"] == sum(m["spilled_per_node"].values()) <= m["routed"]
             assert m["failed"] == run["summary"]["failed"]
+            assert m["throughput_rps_rounds"] == [m["throughput_rps"]] == [run["summary"]["throughput_rps"]]
         assert modes["unbounded"]["spilled"] == 0
     if name == "redis-restart":
         check_redis_restart(findings["redis-restart"], runs[0])

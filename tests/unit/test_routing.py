@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import time
+from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.breaker import Breaker
 from app.routing import Lease, Router, WorkerFull
@@ -214,17 +216,59 @@ def test_a_hot_key_spills_only_above_one_batch_and_is_marked() -> None:
     assert r.rows_in_flight() == {leases[0].node: 32, extra.node: 4}
 
 
-def test_other_gateways_rows_count_while_fresh() -> None:
-    """Bounded loads weigh what the other gateway processes reported, but never a stale report."""
+def test_busy_gateway_processes_share_the_batch_floor() -> None:
+    """With one other busy gateway process, each keeps a worker within half a batch, so that
+    together they stay within one; alone again, a process has the whole batch."""
     r = router()
-    owner = r.acquire("hot").node
-    r.release(Lease(owner, 1), ok=True)
-    others = {owner: 100, **{n: 0 for n in ("w1", "w2", "w3", "w4") if n != owner}}
-    r.set_others_rows(others, time.monotonic())
-    spilled = r.acquire("hot", rows=1, floor_rows=32)
-    assert spilled.node != owner and spilled.spilled
-    r.set_others_rows(others, time.monotonic() - 10)  # long gone: only this process's rows count
-    assert r.acquire("hot", rows=1, floor_rows=32).node == owner
+    r.set_peers(1)
+    owned = [r.acquire("hot", rows=1, floor_rows=32) for _ in range(16)]
+    assert {lease.node for lease in owned} == {owned[0].node} and not any(lease.spilled for lease in owned)
+    assert r.acquire("hot", rows=1, floor_rows=32).spilled
+    r.set_peers(0)
+    assert r.acquire("hot", rows=1, floor_rows=32).node == owned[0].node
+
+
+def test_processes_started_together_share_the_batch_floor_before_any_report() -> None:
+    """Two gateway processes started on one host split the batch from their first request, before
+    either has reported: otherwise both could fill a worker with a whole batch at once."""
+    r = Router(150, 1.25, 10_000, Breaker(3, 5.0), processes=2)
+    r.set_members(members("w1", "w2", "w3", "w4"))
+    owned = [r.acquire("hot", rows=1, floor_rows=32) for _ in range(16)]
+    assert not any(lease.spilled for lease in owned)
+    assert r.acquire("hot", rows=1, floor_rows=32).spilled
+    r.set_peers(3)  # more report rows in flight than were started here (gateways elsewhere): a quarter each
+    r.release(owned.pop(), ok=True)
+    assert r.acquire("hot", rows=1, floor_rows=32).spilled
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 400), st.integers(1, 4)), min_size=50, max_size=400),
+    st.integers(1, 3),
+)
+@settings(max_examples=60, deadline=None)
+def test_busy_processes_together_keep_every_worker_within_one_batch(
+    steps: list[tuple[int, int, int]], processes: int
+) -> None:
+    """Gateway processes that each have few rows in flight (as with a thread per request: below
+    what bounded loads' share would allow a worker beyond the batch floor) keep every worker,
+    summed over all of them, within one batch at every moment, whatever is released when: the
+    bound the hotkey scenario samples. A step admits a request (some keys hot) of 1-4 rows, or,
+    one in five or when the process is full, releases that process's oldest."""
+    nodes, batch, per_process = ("w1", "w2", "w3"), 32, 24  # 1.25 × 24 / 3 workers < 32 / 3 processes
+    routers = [Router(150, 1.25, 10_000, Breaker(3, 5.0), processes=processes) for _ in range(processes)]
+    held: list[list[Lease]] = [[] for _ in routers]
+    for r in routers:
+        r.set_members({n: Member(1.0, "r1") for n in nodes})
+    for p, key, rows in steps:
+        r, mine = routers[p % processes], held[p % processes]
+        while mine and (key % 5 == 0 or sum(lease.rows for lease in mine) + rows > per_process):
+            r.release(mine.pop(0), ok=True)
+            key += 1
+        mine.append(r.acquire(f"k{key % 7 if key % 2 else key}", rows=rows, floor_rows=batch))
+        total: Counter[str] = Counter()
+        for o in routers:
+            total.update(o.rows_in_flight())
+        assert max(total.values()) <= batch
 
 
 def test_a_silent_worker_that_still_answers_keeps_its_keys() -> None:
