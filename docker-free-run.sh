@@ -295,10 +295,27 @@ READY
 
 redact() { "$PY" -c "import sys; from tasks.settings import redact_url; print(redact_url(sys.argv[1]))" "$1"; }
 
+supervisord_gone() {  # $1: its pid, as it gave it. Its socket goes first; the process exits just after
+  [ ! -S "$SOCK" ] && ! grep -qs "$CONF" "/proc/$1/cmdline"
+}
+
+stop_together() {  # $@: programs. supervisord's shutdown stops one program at a time; these stop at once
+  local name
+  for name in "$@"; do ctl stop "$name" >/dev/null 2>&1 & done
+  wait
+}
+
 cmd_stop() {
   if ! supervised; then remove_cgroups; log "nothing runs under $RUN"; return; fi
+  # The same order as supervisord's shutdown (the gateway and Flower, then the workers, which answer
+  # what they hold and leave the ring, then Redis), each step's programs together.
+  stop_together gateway flower
+  stop_together $(cd "$PROGRAMS" && ls worker_*.conf 2>/dev/null | sed 's/\.conf$//')
+  stop_together redis
+  local pid
+  pid="$(ctl pid)"  # asked of supervisord itself, never read from a file
   ctl shutdown >/dev/null
-  wait_for 60 test ! -S "$SOCK" || { log "supervisord did not stop within 60 s; see $LOGS/supervisord.log"; exit 1; }
+  wait_for 60 supervisord_gone "$pid" || { log "supervisord did not stop within 60 s; see $LOGS/supervisord.log"; exit 1; }
   remove_cgroups
   log "stopped ringserve under $RUN"
 }

@@ -130,6 +130,7 @@ class Worker:
         self.settings = settings
         self.log_path = log_dir / f"{node_id}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.signalled = False
 
     def start(self) -> None:
         env = {**os.environ, **settings_env(self.settings), "OPENBLAS_NUM_THREADS": "1"}
@@ -142,17 +143,25 @@ class Worker:
                 stderr=subprocess.STDOUT,
             )
 
+    def begin_stop(self, sig: int = signal.SIGTERM) -> None:
+        """Start stopping it (:meth:`stop` then waits, signalling no more): workers closed together
+        stop in parallel."""
+        if self.proc is not None and self.proc.poll() is None and not self.signalled:
+            self.proc.send_signal(sig)
+            self.signalled = True
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            self.begin_stop(sig)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.signalled = False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -204,6 +213,8 @@ class Cluster:
         self.workers.pop(node_id).stop(sig)
 
     def close(self) -> None:
+        for worker in self.workers.values():
+            worker.begin_stop()
         for worker in self.workers.values():
             worker.stop()
         self.workers.clear()
