@@ -79,7 +79,7 @@ def reported_rows(redis: Redis) -> Counter[str]:
     return total
 
 
-def _held_lock() -> threading.Lock:
+def held_lock() -> threading.Lock:
     """A lock taken at once: its release is the signal a waiting request thread wakes on. A bare lock
     is all C, where ``threading.Event`` builds a condition and a waiter lock in Python per wait."""
     lock = threading.Lock()
@@ -102,7 +102,7 @@ class Call:
     lease: Lease | None = None  # the worker it was sent to, while it holds it
     reply: Reply | None = None  # the worker's answer
     error: RingserveError | None = None  # or the gateway's own verdict
-    _done: threading.Lock = field(default_factory=_held_lock, repr=False)
+    _done: threading.Lock = field(default_factory=held_lock, repr=False)
 
     @property
     def node(self) -> str | None:

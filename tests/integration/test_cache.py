@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from redis import Redis
 
 from app.binary import HEADER
-from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, digest
+from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, Cache, Lookup, digest
 from app.schemas import parse_simple
 from tasks.contract import (
     CACHE_BYTES_KEY,
@@ -33,6 +33,8 @@ from tasks.contract import (
     CACHE_PREFIX,
     CACHE_SIZES_KEY,
     STATS_CACHE_KEY,
+    Result,
+    Tensor,
     cache_done_key,
     cache_entry_key,
     decode_cached,
@@ -324,3 +326,57 @@ def test_a_sharded_model_caches_the_gathered_result(
     assert answers[0]["parameters"]["node"] == answers[1]["parameters"]["node"] == "s1,s2"
     assert answers[0]["outputs"] == answers[1]["outputs"]
     assert sum(client.get("/stats").json["requests_per_node"].values()) == 2  # two parts, once
+
+
+def test_lookups_waiting_together_travel_in_one_round_trip(
+    shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request threads hand their lookups to the reader: 20 queued before it runs go out in one pipeline,
+    and each thread gets its own answer (here: nothing stored, so each took its lock, 20 misses)."""
+    clear(shared_cluster.redis)
+    cache = Cache(Redis.from_url(shared_cluster.settings.redis_url), 60, 10**6, "test")
+    batches: list[int] = []
+    send = cache._lookup_all
+
+    def counted(batch: list[Lookup]) -> None:
+        batches.append(len(batch))
+        send(batch)
+
+    monkeypatch.setattr(cache, "_lookup_all", counted)
+    found: dict[int, bytes | None] = {}
+
+    def look(i: int) -> None:
+        found[i] = cache._lookup(f"{i:064x}", CACHE_LOCK_PREFIX + f"test:{i}".encode(), "hits")
+
+    threads = [threading.Thread(target=look, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: cache._lookups.qsize() == 20, 10, "20 lookups queued")
+    assert not found  # they wait for the reader: none went to Redis on its own
+    cache.start()
+    for t in threads:
+        t.join(10)
+    cache.stop()
+    assert batches == [20] and found == dict.fromkeys(range(20))
+    assert shared_cluster.redis.hget(STATS_CACHE_KEY, "misses") == b"20"
+    assert shared_cluster.redis.get(cache_entry_key(f"{7:064x}")) == CACHE_LOCK_PREFIX + b"test:7"
+    clear(shared_cluster.redis)
+
+
+def test_a_failing_reader_answers_its_waiters_with_a_miss_and_lives_on(
+    shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(Redis.from_url(shared_cluster.settings.redis_url), 60, 10**6, "test")
+
+    def broken(batch: list[Lookup]) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cache, "_lookup_all", broken)
+    cache.start()
+    pixels = Tensor("pixels", "FP32", (1, 64), bytes(256))
+    computed = Result("x", "worker_1", 1, "1", (Tensor("probabilities", "FP32", (1, 10), bytes(40)),))
+    try:
+        assert cache.through("digits", "1", [pixels], time.monotonic() + 5, lambda: computed) == (computed, False)
+        assert cache.alive and cache.errors == 1
+    finally:
+        cache.stop()
