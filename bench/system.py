@@ -25,6 +25,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from bench import auth, cgroup, procs
+from tasks.metadata import load_repository
 from tasks.settings import Settings, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ LOG_TAIL_LINES = 40
 REDIS_START_TIMEOUT_S = 20.0
 REDIS_POLL_S = 0.01
 READY_POLL_S = 0.1
+TABLES_TIMEOUT_S = 180.0  # a fresh clone generates the ranker's table on first use, then each worker loads its rows
 PREFIX = "RINGSERVE_"
 # Set by the harness for every system it starts; the caller's other RINGSERVE_* settings pass through.
 HARNESS_OWNED = frozenset(
@@ -253,6 +255,15 @@ class RingServe:
             if why is not None:
                 raise StartError(f"GET {path} did not answer 200: {why}\n{self.log_tails()}")
             time.sleep(READY_POLL_S)
+
+    def wait_tables(self, timeout_s: float = TABLES_TIMEOUT_S) -> None:
+        """Until every sharded model is ready: each worker loads the rows it owns in the background
+        after it starts (seconds of CPU for the ranker's table), and a measurement taken meanwhile
+        would count that load as the cost of the requests it serves."""
+        repository = Path(Settings.from_env(self.env).model_repository)
+        for meta in load_repository(repository if repository.is_absolute() else ROOT / repository).values():
+            if meta.sharding is not None:
+                self.wait_ready(f"/v2/models/{meta.name}/ready", timeout_s)
 
     def stats(self) -> dict[str, Any]:
         with auth.get(f"{self.url}/stats", timeout_s=10) as response:

@@ -79,6 +79,7 @@ def measure(
     what a scenario does to the system meanwhile (kill a worker, add one, sample /stats).
     """
     load = dataclasses.replace(load, url=system.url)
+    system.wait_tables()
     warm_up(load, warmup)
     meter = CpuMeter(system.pids())
     before = system.stats()
@@ -133,6 +134,8 @@ class Target:
 
 
 def ringserve_target(system: RingServe) -> Target:
+    """``system`` as wrk measures it, once its sharded tables are loaded."""
+    system.wait_tables()
     return Target(system.url, system.pids(), system.config(), system.stats)
 
 
