@@ -47,10 +47,11 @@ from typing import Any
 
 import msgpack
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from app.errors import DeadlineExceeded
-from app.submit import held_lock
+from app.submit import held_lock, take_waiting
 from tasks.contract import (
     CACHE_BYTES_KEY,
     CACHE_ENTRY_PREFIX,
@@ -354,19 +355,9 @@ class Cache:
 
     def _read(self) -> None:
         while True:
-            first = self._lookups.get()
-            if first is None:
+            batch = take_waiting(self._lookups)
+            if batch is None:
                 return
-            batch = [first]
-            while True:
-                try:
-                    nxt = self._lookups.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._lookups.put(None)
-                    break
-                batch.append(nxt)
             try:
                 self._lookup_all(batch)
             except Exception as exc:  # the reader must survive anything; its waiters get a miss
@@ -380,8 +371,8 @@ class Cache:
     def _lookup_all(self, batch: list[Lookup]) -> None:
         """LOOKUP every entry of ``batch`` in one pipeline; a Redis that lost its scripts (a restart) is
         given it again once. Sets each lookup's ``found`` or ``error``."""
-        for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
+
+        def fill(pipe: Pipeline) -> None:
             for lookup in batch:
                 pipe.evalsha(
                     SHA1[LOOKUP],
@@ -393,23 +384,35 @@ class Cache:
                     lookup.hit,
                     CACHE_LOCK_PREFIX,
                 )
-            try:
-                results = pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                for lookup in batch:
-                    lookup.error = exc
-                return
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                self._redis.script_load(LOOKUP)
-                continue
-            for lookup, result in zip(batch, results, strict=True):
-                if isinstance(result, RedisError):
-                    lookup.error = result
-                elif isinstance(result, Exception):
-                    lookup.error = RedisError(str(result))
-                else:
-                    lookup.found = result
+
+        try:
+            results = self._run_scripts(fill, [LOOKUP])
+        except RedisError as exc:
+            for lookup in batch:
+                lookup.error = exc
             return
+        for lookup, result in zip(batch, results, strict=True):
+            if isinstance(result, RedisError):
+                lookup.error = result
+            elif isinstance(result, Exception):
+                lookup.error = RedisError(str(result))
+            else:
+                lookup.found = result
+
+    def _run_scripts(self, fill: Callable[[Pipeline], None], scripts: Sequence[str]) -> list[Any]:
+        """One round trip: the pipeline ``fill`` builds, its errors returned in place; once more after
+        loading ``scripts`` if Redis lost them (a restart). Raises RedisError when Redis fails."""
+        results: list[Any] = []
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            fill(pipe)
+            results = pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                for script in scripts:
+                    self._redis.script_load(script)
+                continue
+            break
+        return results
 
     def _failed(self, exc: RedisError) -> None:
         with self._lock:
@@ -494,25 +497,21 @@ class Cache:
             scripts.append((RENEW, [len(held), *map(cache_entry_key, held), LEASE_MS, *held.values()]))
         if not scripts and not joins:
             return
-        for attempt in range(2):  # again once if Redis lost the scripts (a restart)
-            pipe = self._redis.pipeline(transaction=False)
+
+        def fill(pipe: Pipeline) -> None:
             for script, keys_and_args in scripts:
                 pipe.evalsha(SHA1[script], *keys_and_args)
             if joins:
                 pipe.hincrby(STATS_CACHE_KEY, "coalesced", joins)
-            try:
-                results = pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                self._failed(exc)
-                return
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                for script, _ in scripts:
-                    self._redis.script_load(script)
-                continue
-            errors = [r for r in results if isinstance(r, Exception)]
-            if errors:
-                self._failed(RedisError(errors[0]))
+
+        try:
+            results = self._run_scripts(fill, [script for script, _ in scripts])
+        except RedisError as exc:
+            self._failed(exc)
             return
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            self._failed(RedisError(errors[0]))
 
     # -- statistics ----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from redis import Redis
 from redis.exceptions import OutOfMemoryError, RedisError
@@ -49,6 +50,7 @@ from tasks.contract import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRY_S = 0.1  # how often requests that could not be published are tried again
 MESSAGE_BYTES = 4 * 1024 * 1024  # one message's tensor bytes; a single larger request travels alone
@@ -77,6 +79,27 @@ def reported_rows(redis: Redis) -> Counter[str]:
     for _, load in live_reports(redis, GATEWAYS_KEY, gateway_load_key):
         total.update(decode_counts(load))
     return total
+
+
+def take_waiting(q: queue.SimpleQueue[T | None], timeout_s: float | None = None) -> list[T] | None:
+    """Everything in ``q`` now, waiting up to ``timeout_s`` for the first ([] if none came); None: the
+    stop marker (None) came first. A marker found after the first is put back for the next call."""
+    try:
+        first = q.get(timeout=timeout_s)
+    except queue.Empty:
+        return []
+    if first is None:
+        return None
+    taken = [first]
+    while True:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            return taken
+        if nxt is None:
+            q.put(None)
+            return taken
+        taken.append(nxt)
 
 
 def held_lock() -> threading.Lock:
@@ -331,22 +354,7 @@ class Dispatcher:
 
     def _collect(self, timeout_s: float | None) -> list[Call] | None:
         """Everything queued now, waiting up to ``timeout_s`` for the first; None: stop."""
-        try:
-            first = self._outbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return []
-        if first is None:
-            return None
-        calls = [first]
-        while True:
-            try:
-                nxt = self._outbox.get_nowait()
-            except queue.Empty:
-                return calls
-            if nxt is None:
-                self._outbox.put(None)
-                return calls
-            calls.append(nxt)
+        return take_waiting(self._outbox, timeout_s)
 
     def _run(self) -> None:
         unsent: list[Call] = []  # Redis was unreachable: try again every RETRY_S until each deadline
