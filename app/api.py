@@ -23,7 +23,6 @@ from app.schemas import (
     flag,
     json_object,
     name_field,
-    nest,
     parse_simple,
     parse_v2_inputs,
     parse_v2_outputs,
@@ -50,7 +49,8 @@ def gateway() -> Gateway:
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+    """orjson, which also writes the numpy arrays of outputs (:func:`app.schemas.unpack`)."""
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status=status, mimetype="application/json")
 
 
 def json_body() -> dict[str, Any]:
@@ -151,7 +151,7 @@ def simple_infer() -> Response:
     reply = answer.result
     first = reply.outputs[0]
     values = unpack(first.datatype, first.data)
-    output = values if parsed.single_row else nest(values, list(first.shape))
+    output = values if parsed.single_row else values.reshape(first.shape)
     return json_response(
         {
             "output": output,

@@ -54,5 +54,5 @@ def raw_input(meta: ModelMetadata, blobs: Blobs) -> Tensor:
 
 def response(head: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, dict[str, str]]:
     """The body and headers of a response whose binary outputs follow its JSON."""
-    json_part = orjson.dumps(head)
+    json_part = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)  # JSON outputs are numpy arrays
     return json_part + b"".join(blobs), {HEADER: str(len(json_part))}

@@ -86,20 +86,31 @@ class SkewedWorker(Worker):
         assert pid is not None, f"{self.node_id} is not running"
         os.kill(pid, sig)
 
+    def begin_stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the worker itself: ``faketime`` would not pass the signal on, and killing it would
+        leave the worker running on its own."""
+        pid = self.worker_pid() if self.proc is not None else None
+        if pid is not None and not self.signalled:
+            os.kill(pid, sig)
+            self.signalled = True
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
         if self.proc is None:
             return
-        pid = self.worker_pid()
-        if pid is not None:
-            os.kill(pid, sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
+        worker = self.worker_pid()
+        self.begin_stop(sig)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pid = self.worker_pid()
+            if pid is not None:
                 os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
         self.proc = None
+        self.signalled = False
+        assert worker is None or not Path(f"/proc/{worker}").exists(), f"{self.node_id} outlived its faketime wrapper"
 
 
 def start_skewed(cluster: Cluster, node_id: str, offset: str) -> float:
