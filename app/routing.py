@@ -161,11 +161,11 @@ class Router:
         """
         with self._lock:
             self._follow_exclusions()
-            owner = self._ring.lookup(key) if position is None else self._ring.lookup_hash(position)
-            node = owner
+            at = self._ring.position(key) if position is None else position  # the key is hashed once
+            owner = node = self._ring.lookup_hash(at)
             if self._load_factor >= 1 and position is None:
                 floor = floor_rows / max(self._processes, 1 + self._peers)
-                node = self._ring.lookup_bounded(key, self._rows, self._load_factor, floor, rows)
+                node = self._ring.lookup_bounded_hash(at, self._rows, self._load_factor, floor, rows)
             if self._in_flight[node] >= self._max_in_flight:
                 raise WorkerFull(node)
             probe = self._breaker.try_probe(node)

@@ -141,6 +141,10 @@ class Ring:
                 break
         return chosen
 
+    def position(self, key: bytes | str) -> int:
+        """Where ``key`` sits on the ring: hash it once, look it up with the ``*_hash`` methods."""
+        return self._hash(key)
+
     def lookup_bounded(
         self,
         key: bytes | str,
@@ -160,6 +164,17 @@ class Ring:
         loaded relative to its weight); a larger item that fits nowhere goes to its owner.
         Raises ``ValueError`` when ``c < 1``, ``size < 1`` or a load is negative.
         """
+        return self.lookup_bounded_hash(self._hash(key), loads, c, floor, size)
+
+    def lookup_bounded_hash(
+        self,
+        position: int,
+        loads: Mapping[str, int],
+        c: float = DEFAULT_LOAD_FACTOR,
+        floor: float = 0,
+        size: int = 1,
+    ) -> str:
+        """:meth:`lookup_bounded` of a key whose hash is ``position``."""
         if not c >= 1.0:
             raise ValueError(f"c must be >= 1, got {c!r}")
         if size < 1:
@@ -172,12 +187,16 @@ class Ring:
             if load < 0:
                 raise ValueError(f"load of {node_id!r} is negative: {load}")
             total += load
+        start = self._index(position)
+        owner = self._ring[start][1]
+        if loads.get(owner, 0) + size <= floor:  # below the floor a key meets its owner: no walk
+            return owner
         share = c * (total + size) / sum(self._weights.values())
-        for node_id in self._successors(key):
+        for node_id in self._successors_from(start):
             capacity = max(floor, math.ceil(share * self._weights[node_id]))
             if loads.get(node_id, 0) + size <= capacity:
                 return node_id
-        return self.lookup(key)
+        return owner
 
     def _entries(self, node_id: str, weight: float) -> list[tuple[int, str]]:
         """The ``(point, node_id)`` entries of ``node_id`` at ``weight``, unsorted."""
@@ -195,10 +214,6 @@ class Ring:
             raise EmptyRingError("cannot look up a key in an empty ring")
         index = bisect_left(self._points, position)
         return 0 if index == len(self._points) else index
-
-    def _successors(self, key: bytes | str) -> Iterator[str]:
-        """Distinct nodes clockwise from the owner of ``key``; every node exactly once."""
-        return self._successors_from(self._start(key))
 
     def _successors_from(self, start: int) -> Iterator[str]:
         """Distinct nodes clockwise from the point at index ``start``; every node exactly once."""

@@ -485,3 +485,33 @@ def test_hash_lookups_on_an_empty_ring_raise() -> None:
         ring.lookup_hash(0)
     with pytest.raises(EmptyRingError):
         ring.preference_hash(0, 2)
+
+
+def first_that_fits(ring: Ring, key: str, loads: dict[str, int], c: float, floor: float, size: int) -> str:
+    """Bounded loads as the paper states them, walked in full: the first node clockwise whose capacity
+    ``max(floor, ceil(c * (total + size) * weight / total weight))`` takes ``size`` more; else the owner."""
+    total = sum(loads.get(n, 0) for n in ring.nodes)
+    for node in ring.preference_list(key, len(ring)):
+        capacity = max(floor, math.ceil(c * (total + size) * ring.nodes[node] / sum(ring.nodes.values())))
+        if loads.get(node, 0) + size <= capacity:
+            return node
+    return ring.lookup(key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from("abcde"), st.sampled_from([0.5, 1.0, 2.0]), min_size=1),
+    st.dictionaries(st.sampled_from("abcde"), st.integers(0, 60)),
+    st.text(min_size=1, max_size=8),
+    st.floats(1.0, 3.0),
+    st.sampled_from([0, 8, 16, 32]),
+    st.integers(1, 12),
+)
+def test_bounded_lookup_equals_the_full_walk(
+    weights: dict[str, float], loads: dict[str, int], key: str, c: float, floor: int, size: int
+) -> None:
+    """The owner-first shortcut and the key hashed once change no answer."""
+    ring = Ring.from_nodes(weights, vnodes=20)
+    expected = first_that_fits(ring, key, loads, c, floor, size)
+    assert ring.lookup_bounded(key, loads, c, floor, size) == expected
+    assert ring.lookup_bounded_hash(ring.position(key), loads, c, floor, size) == expected
