@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from kombu import Connection
 from redis import Redis
 
 from tasks.celery_app import make_celery
@@ -23,6 +24,7 @@ from tasks.contract import (
     queue_name,
     reply_key,
 )
+from tasks.transport import transport_for
 from tests.conftest import Cluster, RedisServer, make_settings, wait_until
 
 ITEM = {"id": "a", "inputs": [["x", "FP32", [1, 1], b"\0" * 4]]}
@@ -92,3 +94,18 @@ def test_a_worker_pops_waiting_messages_in_bulk(tmp_path: Path) -> None:
     finally:
         cluster.close()
         server.stop()
+
+
+def test_a_channel_sends_its_own_commands_through_one_client(redis_server: RedisServer) -> None:
+    """kombu would build a redis-py client (56 µs) for every command a channel sends outside its event loop:
+    the RPOP after each BRPOP, each task event published. Ours reuses one, on the channel's pool."""
+    url = make_settings(redis_server).redis_url
+    with Connection(url, transport=transport_for(url)) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second and first.connection_pool is channel.pool
+            assert first.ping()
+        given = Redis.from_url(url)
+        with channel.conn_or_acquire(given) as passed:
+            assert passed is given  # a client the caller brings is used as it is
+        given.close()
