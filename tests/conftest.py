@@ -50,13 +50,14 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 class RedisServer:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = os.environ.get("RINGSERVE_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
             raise RuntimeError("no redis-server: run the tests with ./docker-free-run.sh test")
         self.binary = binary
         self.port = free_port()
         self.tmp = tmp
+        self.extra_args = extra_args  # more redis-server options, e.g. a command renamed away
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -78,6 +79,7 @@ class RedisServer:
                 str(self.tmp),
                 "--databases",
                 "64",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
         )

@@ -63,10 +63,9 @@ def test_our_message_is_celerys_message(redis_server: RedisServer) -> None:
     assert ours["headers"]["id"] != ours["properties"]["delivery_tag"]
 
 
-def test_a_worker_pops_waiting_messages_in_bulk(tmp_path: Path) -> None:
-    """200 messages waiting: the worker answers them all, with far fewer BRPOPs than messages (after each
-    BRPOP it pops what else waits in one RPOP), and garbage among them is dropped on its own."""
-    server = RedisServer(tmp_path)  # its own server: command statistics count every client's commands
+def bulk_pops(tmp_path: Path, redis_config: tuple[str, ...] = ()) -> dict[str, int]:
+    """200 messages waiting, garbage among them: the worker answers all 200; the pops it took, by command."""
+    server = RedisServer(tmp_path, extra_args=redis_config)  # its own server: command statistics count every client's
     server.start()
     cluster = Cluster(make_settings(server), tmp_path)
     try:
@@ -87,13 +86,25 @@ def test_a_worker_pops_waiting_messages_in_bulk(tmp_path: Path) -> None:
 
         wait_until(lambda: answered() == 200, 60, "the worker to answer all 200 requests")
         stats = redis.info("commandstats")
-        brpops = stats.get("cmdstat_brpop", {}).get("calls", 0)
-        rpops = stats.get("cmdstat_rpop", {}).get("calls", 0)
-        print(f"200 messages: {brpops} BRPOP, {rpops} RPOP")
-        assert rpops >= 1 and brpops <= 50
+        pops = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("blmpop", "brpop", "rpop")}
+        print(f"200 messages: {pops}")
+        return pops
     finally:
         cluster.close()
         server.stop()
+
+
+def test_a_worker_pops_waiting_messages_in_bulk(tmp_path: Path) -> None:
+    """One BLMPOP takes up to 32 waiting messages: 201 are taken in a handful, none with BRPOP or RPOP."""
+    pops = bulk_pops(tmp_path)
+    assert 7 <= pops["blmpop"] <= 50 and pops["brpop"] == pops["rpop"] == 0
+
+
+def test_without_blmpop_a_worker_pops_with_brpop_then_rpop(tmp_path: Path) -> None:
+    """A Redis without BLMPOP (before 7.0; here the command is renamed away): after one refusal the worker
+    pops one message per BRPOP and what else waits with RPOP, and still answers everything."""
+    pops = bulk_pops(tmp_path, ("--rename-command", "BLMPOP", ""))
+    assert pops["rpop"] >= 1 and 1 <= pops["brpop"] <= 50
 
 
 def test_a_channel_sends_its_own_commands_through_one_client(redis_server: RedisServer) -> None:
