@@ -1,8 +1,9 @@
 """Wake waiting requests: one thread per gateway process pops this process's reply list.
 
-Workers push one msgpack blob per batch onto ``ringserve:reply:<gateway id>``; a blocking
-pop returns it and every request in it is resolved. One list per process means one Redis
-connection and no per-request subscription, however many requests are waiting.
+Workers push one msgpack blob per batch onto ``ringserve:reply:<gateway id>``; one blocking
+pop returns every blob waiting (``BLMPOP``, Redis 7; on 6.2 ``BLPOP`` then ``LPOP`` for the rest)
+and every request in them is resolved. One list per process means one Redis connection and no
+per-request subscription, however many requests are waiting.
 
 Anybody who can write to Redis can push onto that list: a blob or a reply that does not
 decode (:func:`tasks.contract.decode_replies`) is logged, counted and dropped, and the
@@ -14,16 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from tasks.contract import STATS_DROPPED_KEY, ContractError, Drops, Reply, decode_replies, encode_replies
 
 log = logging.getLogger(__name__)
 
 POP_TIMEOUT_S = 1  # how often the thread looks up from a quiet list to see if it must stop
-BULK_BLOBS = 32  # after a blocking pop, up to this many more blobs in one round trip
+BULK_BLOBS = 32  # blobs taken by one pop
 RETRY_S = 0.2  # pause before trying again when Redis is unreachable
 
 
@@ -34,6 +36,7 @@ class ReplyListener:
         self._on_reply = on_reply
         self.drops = Drops("gateway replies")
         self._stop = threading.Event()
+        self._bulk_pop = True  # False once Redis said it has no BLMPOP
         self._thread = threading.Thread(target=self._run, name="ringserve-replies", daemon=True)
 
     @property
@@ -56,20 +59,33 @@ class ReplyListener:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                popped = self._redis.blpop([self._key], timeout=POP_TIMEOUT_S)
+                blobs = self._pop()
             except RedisError as exc:
                 log.warning("replies: cannot read Redis (%s); retrying", exc)
                 self._stop.wait(RETRY_S)
                 continue
-            if popped is None:
-                continue
-            self._resolve(popped[1])
-            try:  # what else waits, in one round trip; if Redis fails now, the next pop reports it
-                more: list[bytes] = self._redis.lpop(self._key, BULK_BLOBS) or []  # type: ignore[assignment]
-            except RedisError:
-                more = []
-            for blob in more:
+            for blob in blobs:
                 self._resolve(blob)
+
+    def _pop(self) -> list[bytes]:
+        """The blobs waiting, after waiting up to POP_TIMEOUT_S for the first. Raises RedisError."""
+        if self._bulk_pop:
+            try:
+                taken: Any = self._redis.blmpop(POP_TIMEOUT_S, 1, self._key, direction="LEFT", count=BULK_BLOBS)
+                return [] if taken is None else list(taken[1])  # [key, [blob, ...]]
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                log.warning("replies: Redis has no BLMPOP (it came in 7.0): popping with BLPOP, then LPOP")
+                self._bulk_pop = False
+        first: Any = self._redis.blpop([self._key], timeout=POP_TIMEOUT_S)
+        if first is None:
+            return []
+        try:  # what else waits, in one round trip; if Redis fails now, the next pop reports it
+            more: list[bytes] = self._redis.lpop(self._key, BULK_BLOBS - 1) or []  # type: ignore[assignment]
+        except RedisError:
+            more = []
+        return [first[1], *more]  # (key, blob)
 
     def _resolve(self, blob: bytes | str) -> None:
         try:
