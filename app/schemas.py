@@ -130,16 +130,16 @@ def pack(spec: TensorSpec, flat: list[Any]) -> bytes:
     if not kinds.issubset(allowed):
         bad = sorted(k.__name__ for k in kinds - set(allowed))
         raise BadRequest(f"input {spec.name!r}: datatype {spec.datatype} does not take {', '.join(bad)} values")
-    out_of_range = BadRequest(f"input {spec.name!r}: a value is out of {spec.datatype} range")
     try:
         if spec.datatype not in FLOATS:
             return array(DATATYPES[spec.datatype].typecode, flat).tobytes()
         with np.errstate(over="ignore"):  # a value beyond the type becomes inf: refused below
             values = np.array(flat, dtype=wire_dtype(spec.datatype))
+        in_range = bool(np.isfinite(values).all())
     except OverflowError:  # an int beyond the type (or beyond a double)
-        raise out_of_range from None
-    if not np.isfinite(values).all():
-        raise out_of_range
+        in_range = False
+    if not in_range:
+        raise BadRequest(f"input {spec.name!r}: a value is out of {spec.datatype} range")
     return values.tobytes()
 
 

@@ -1,8 +1,8 @@
 """kombu's Redis transport, guarded and draining in bulk.
 
 One blocking pop takes every message waiting (:class:`_BulkRead`), and the commands a channel
-sends outside its event loop share one redis-py client (:class:`_OneClient`). A message that is not even a
-kombu message is dropped:
+sends outside its event loop share one redis-py client (:class:`_OneClient`). A message that is
+not even a kombu message is dropped:
 
 kombu's Redis channel pops a message (``BRPOP``), parses it as JSON and builds a ``Message``
 before Celery sees it. Garbage pushed onto a queue fails right there, inside the worker's
@@ -84,8 +84,9 @@ class _BulkRead:
     _bulk_pop = True  # False once the server said it has no BLMPOP
 
     def _budget(self) -> int:
+        """How many messages the prefetch limit lets us take now."""
         estimate = self.qos.can_consume_max_estimate()  # type: ignore[attr-defined]  # None: no prefetch limit
-        return BULK_MESSAGES if estimate is None else max(1, min(BULK_MESSAGES, estimate))
+        return BULK_MESSAGES if estimate is None else min(BULK_MESSAGES, estimate)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         if not self._bulk_pop or self.global_keyprefix:  # type: ignore[attr-defined]  # kombu prefixes BRPOP only
@@ -99,7 +100,8 @@ class _BulkRead:
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
         wait = self.brpop_timeout if timeout is None else timeout  # type: ignore[attr-defined]
-        connection.send_command("BLMPOP", wait or 0, len(keys), *keys, "RIGHT", "COUNT", self._budget())
+        count = max(1, self._budget())  # kombu starts a pop only when the limit lets one more in
+        connection.send_command("BLMPOP", wait or 0, len(keys), *keys, "RIGHT", "COUNT", count)
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self._bulk_pop or self.global_keyprefix:  # type: ignore[attr-defined]
