@@ -20,7 +20,15 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from tasks.contract import STATS_DROPPED_KEY, ContractError, Drops, Reply, decode_replies, encode_replies
+from tasks.contract import (
+    STATS_DROPPED_KEY,
+    ContractError,
+    Drops,
+    Reply,
+    decode_replies,
+    encode_replies,
+    lacks_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ class ReplyListener:
                 taken: Any = self._redis.blmpop(POP_TIMEOUT_S, 1, self._key, direction="LEFT", count=BULK_BLOBS)
                 return [] if taken is None else list(taken[1])  # [key, [blob, ...]]
             except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
+                if not lacks_command(exc):
                     raise
                 log.warning("replies: Redis has no BLMPOP (it came in 7.0): popping with BLPOP, then LPOP")
                 self._bulk_pop = False

@@ -111,6 +111,12 @@ CACHE_BYTES_KEY = CACHE_PREFIX + "bytes"  # the sum of CACHE_SIZES_KEY
 STATS_CACHE_KEY = KEY_PREFIX + "stats:cache"  # hash hits / coalesced / misses -> requests
 
 
+def lacks_command(exc: Exception) -> bool:
+    """Whether a Redis error says the server does not know the command (it predates it): the one
+    refusal after which gateways and workers fall back to older commands (``BLMPOP`` came in 7.0)."""
+    return "unknown command" in str(exc).lower()
+
+
 def cache_entry_key(digest: str) -> str:
     return CACHE_ENTRY_PREFIX + digest
 

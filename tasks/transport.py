@@ -34,7 +34,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import ResponseError
 
-from tasks.contract import Drops
+from tasks.contract import Drops, lacks_command
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class _BulkRead:
                 client.connection.disconnect()  # the next turn reconnects
                 raise
             except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
+                if not lacks_command(exc):
                     raise
                 log.warning("Redis has no BLMPOP (it came in 7.0): popping with BRPOP, then RPOP for the rest")
                 self._bulk_pop = False
