@@ -14,12 +14,14 @@ on the leader's own flight, elsewhere on a stream the leader's end is announced 
 request looks again when the leader ends, when a lease has passed (a leader whose process died
 stops renewing) or never after its own deadline; finding no lock, it computes itself.
 
-Lookups travel the same way as the requests they precede: a request thread hands its lookup to
-the process's reader thread and waits, and the reader sends every lookup waiting at that moment in
-one pipeline. A round trip of its own on each request thread cost the gateway about 0.11 ms of CPU
-per request (measured: docs/benchmarks.md, "cache"), as much as the rest of a hit. What happens
-after the answer (storing it, giving up a failed leader's lock, renewing held locks, counting) is
-written by one thread per process, many entries per round trip, off the request path.
+Lookups travel with the requests they precede: the request thread hands its request to the
+sender (:mod:`app.submit`) with the lookup attached, and the sender makes every lookup of its cycle
+in one pipeline before it sends their requests. An entry found ends the request there; a lock
+taken sends it on. So a miss costs no hand-over of its own: a lookup round trip on each request
+thread cost the gateway about 0.11 ms of CPU per request, and a reader thread to batch them as much
+again in hand-overs (docs/benchmarks.md, "cache"). What happens after the answer (storing it,
+giving up a failed leader's lock, renewing held locks, counting) is written by one thread per
+process, many entries per round trip, off the request path.
 
 Bounds (Redis runs ``noeviction``, so nothing else evicts): every entry expires after the TTL, and
 the entries' bytes (value, key and :data:`ENTRY_OVERHEAD_BYTES` of Redis bookkeeping each) are
@@ -51,7 +53,7 @@ from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from app.errors import DeadlineExceeded
-from app.submit import held_lock, take_waiting
+from app.submit import Lookup
 from tasks.contract import (
     CACHE_BYTES_KEY,
     CACHE_ENTRY_PREFIX,
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 
 LEASE_MS = 1_000  # a computation's lock lives this long unless renewed: how soon others take over from a dead leader
 RENEW_S = LEASE_MS / 1000 / 3  # how often held locks are renewed
+LOOKUP_TIMEOUT_S = 0.5  # the sender waits this long for a cycle's lookups at most (then: misses, and RETRY_S)
 RETRY_S = 1.0  # after a Redis error, this process leaves the cache alone this long (no timeout per request)
 ENTRY_OVERHEAD_BYTES = 512  # Redis's bookkeeping per entry: key, expiry, index and size entries (measured)
 PURGE_PER_STORE = 64  # expired entries a store removes from the index at most
@@ -152,7 +155,16 @@ for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[i + 1] then redis.call('PEXPIRE', key, ARGV[1]) end
 end
 """
+Compute = Callable[[Lookup | None], Result | None]
+"""Sends the request with the lookup (when given) made first: its result, or None if the lookup found an entry."""
+
 SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (LOOKUP, STORE, RELEASE, RENEW)}
+
+
+def computed(result: Result | None) -> Result:
+    """The result of a computation sent without a lookup, which always has one."""
+    assert result is not None
+    return result
 
 
 def digest(model: str, version: str, tensors: Sequence[Tensor]) -> str:
@@ -189,27 +201,17 @@ class Release:
     lock: bytes
 
 
-@dataclass
-class Lookup:
-    """One LOOKUP a request thread waits for: the entry found (None: the lock is ours now), or the error."""
-
-    digest: str
-    lock: bytes
-    hit: str  # the counter a found answer adds to: "hits", or "coalesced" after following a leader
-    found: bytes | None = None
-    error: RedisError | None = None
-    done: threading.Lock = field(default_factory=held_lock, repr=False)
-
-
 class Cache:
     """``through(model, version, tensors, deadline, compute)``: the cached answer, or ``compute()``'s.
 
-    ``redis`` is the cache's own client (its socket timeout must outlast a lease); ``owner`` names
+    ``redis`` is the cache's own client (its socket timeout must outlast a lease); ``lookups`` the
+    sender's (a short timeout: every request waits for it; by default ``redis``); ``owner`` names
     this process in its locks.
     """
 
-    def __init__(self, redis: Redis, ttl_s: int, max_bytes: int, owner: str) -> None:
+    def __init__(self, redis: Redis, ttl_s: int, max_bytes: int, owner: str, lookups: Redis | None = None) -> None:
         self._redis = redis
+        self._lookup_redis = lookups or redis
         self._ttl_ms = ttl_s * 1000
         self.max_bytes = max_bytes
         self._owner = owner
@@ -221,27 +223,23 @@ class Cache:
         self._skip_until = 0.0
         self.errors = 0  # Redis errors this process met (each made a miss)
         self.waiting = 0  # requests of this process waiting for another's computation now
-        self._lookups: queue.SimpleQueue[Lookup | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="ringserve-cache", daemon=True)
-        self._reader = threading.Thread(target=self._read, name="ringserve-cache-reader", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        self._reader.start()
 
     def stop(self) -> None:
         self._jobs.put(None)
-        self._lookups.put(None)
         self._thread.join()
-        self._reader.join()
         self._redis.close()
+        self._lookup_redis.close()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self._reader.is_alive()
+        return self._thread.is_alive()
 
     def through(
-        self, model: str, version: str, tensors: Sequence[Tensor], deadline: float, compute: Callable[[], Result]
+        self, model: str, version: str, tensors: Sequence[Tensor], deadline: float, compute: Compute
     ) -> tuple[Result, bool]:
         """The answer and whether it came from the cache (stored, or computed for an identical request
         meanwhile). Raises what ``compute`` raises, or DeadlineExceeded while waiting for another's."""
@@ -279,47 +277,56 @@ class Cache:
                 self.waiting -= 1
         return flight.result
 
-    def _shared(self, key: str, deadline: float, compute: Callable[[], Result]) -> tuple[Result, bool]:
-        """Look ``key`` up in Redis: its answer, or the lock to compute it, or wait for whoever holds it."""
+    def _shared(self, key: str, deadline: float, compute: Compute) -> tuple[Result, bool]:
+        """Send the request with a lookup of ``key``: the answer found, or the lock and the worker's
+        answer, or wait for whoever holds the lock and look again."""
         if time.monotonic() < self._skip_until:
-            return compute(), False
+            return computed(compute(None)), False
         lock = CACHE_LOCK_PREFIX + f"{self._owner}:{next(self._ids)}".encode()
-        hit = "hits"
+        lookup = Lookup(key, lock, "hits")
         while True:
-            try:
-                found = self._lookup(key, lock, hit)
-            except RedisError as exc:
-                self._failed(exc)
-                return compute(), False
-            if found is None:
-                return self._lead(key, lock, compute), False
+            result = self._lead(key, lock, compute, lookup)
+            if result is not None:
+                return result, False
+            found = lookup.found
+            assert found is not None  # no result: the lookup found an entry
             if not found.startswith(CACHE_LOCK_PREFIX):
                 try:
                     return decode_cached(found, key), True
                 except ContractError as exc:
                     log.warning("cache: entry %s does not decode (%s); computing it again", key[:16], exc)
                     if not self._replace(key, lock):
-                        return compute(), False
-                    return self._lead(key, lock, compute), False
+                        return computed(compute(None)), False
+                    return computed(self._lead(key, lock, compute, None)), False
             token = found[len(CACHE_LOCK_PREFIX) :].decode(errors="replace")
             if len(token) > MAX_NAME_CHARS:
-                return compute(), False  # not a lock of ours: garbage that expires by itself
+                return computed(compute(None)), False  # not a lock of ours: garbage that expires by itself
             try:
                 self._follow(key, token, found, deadline)
             except RedisError as exc:
                 self._failed(exc)
-                return compute(), False
-            hit = "coalesced"
+                return computed(compute(None)), False
+            lookup = Lookup(key, lock, "coalesced")
 
-    def _lead(self, key: str, lock: bytes, compute: Callable[[], Result]) -> Result:
+    def _lead(self, key: str, lock: bytes, compute: Compute, lookup: Lookup | None) -> Result | None:
+        """``compute(lookup)`` holding ``lock`` (taken by the lookup on the way, or already ours without
+        one) and store its result; None if the lookup found an entry instead. A lookup that failed is
+        a miss whose result is not stored."""
         with self._lock:
-            self._held[key] = lock
+            self._held[key] = lock  # renewed from now on: a lookup takes it just before the request leaves
         try:
-            result = compute()
+            result = compute(lookup)
         except BaseException:
             self._jobs.put(Release(key, lock))
             raise
-        self._jobs.put(Store(key, lock, result))
+        if lookup is not None and (lookup.found is not None or lookup.error is not None):
+            with self._lock:
+                if self._held.get(key) == lock:
+                    del self._held[key]
+            if lookup.error is not None:
+                self._failed(lookup.error)
+            return result
+        self._jobs.put(Store(key, lock, computed(result)))
         return result
 
     def _follow(self, key: str, token: str, lock: bytes, deadline: float) -> None:
@@ -340,40 +347,13 @@ class Cache:
             with self._lock:
                 self.waiting -= 1
 
-    def _lookup(self, key: str, lock: bytes, hit: str) -> bytes | None:
-        """The LOOKUP script on ``key``, sent by the reader thread with every other lookup waiting; raises
-        RedisError. The reader answers every lookup it takes, whatever happens (its socket times out
-        within two leases), so the wait needs no timeout of its own."""
-        lookup = Lookup(key, lock, hit)
-        self._lookups.put(lookup)
-        lookup.done.acquire()
-        if lookup.error is not None:
-            raise lookup.error
-        return lookup.found
-
-    # -- the reader thread ---------------------------------------------------------------------
-
-    def _read(self) -> None:
-        while True:
-            batch = take_waiting(self._lookups)
-            if batch is None:
-                return
-            try:
-                self._lookup_all(batch)
-            except Exception as exc:  # the reader must survive anything; its waiters get a miss
-                log.exception("cache: reader error")
-                for lookup in batch:
-                    lookup.error = RedisError(f"the cache's reader failed: {type(exc).__name__}")
-            finally:
-                for lookup in batch:
-                    lookup.done.release()
-
-    def _lookup_all(self, batch: list[Lookup]) -> None:
-        """LOOKUP every entry of ``batch`` in one pipeline; a Redis that lost its scripts (a restart) is
-        given it again once. Sets each lookup's ``found`` or ``error``."""
+    def look(self, lookups: list[Lookup]) -> None:
+        """LOOKUP every entry of ``lookups`` in one pipeline (the sender's, for the requests of its
+        cycle); a Redis that lost its scripts (a restart) is given them again once. Sets each lookup's
+        ``found`` or ``error``."""
 
         def fill(pipe: Pipeline) -> None:
-            for lookup in batch:
+            for lookup in lookups:
                 pipe.evalsha(
                     SHA1[LOOKUP],
                     2,
@@ -386,35 +366,37 @@ class Cache:
                 )
 
         try:
-            results = self._run_scripts(fill, [LOOKUP])
+            results = self._run_scripts(fill, [LOOKUP], self._lookup_redis)
         except RedisError as exc:
-            for lookup in batch:
+            for lookup in lookups:
                 lookup.error = exc
             return
-        for lookup, result in zip(batch, results, strict=True):
-            if isinstance(result, RedisError):
+        for lookup, result in zip(lookups, results, strict=True):
+            if isinstance(result, Exception):
                 lookup.error = result
-            elif isinstance(result, Exception):
-                lookup.error = RedisError(str(result))
             else:
                 lookup.found = result
 
-    def _run_scripts(self, fill: Callable[[Pipeline], None], scripts: Sequence[str]) -> list[Any]:
-        """One round trip: the pipeline ``fill`` builds, its errors returned in place; once more after
-        loading ``scripts`` if Redis lost them (a restart). Raises RedisError when Redis fails."""
+    def _run_scripts(
+        self, fill: Callable[[Pipeline], None], scripts: Sequence[str], redis: Redis | None = None
+    ) -> list[Any]:
+        """One round trip on ``redis`` (the cache's client by default): the pipeline ``fill`` builds, its
+        errors returned in place; once more after loading ``scripts`` if Redis lost them (a restart).
+        Raises RedisError when Redis fails."""
+        client = redis or self._redis
         results: list[Any] = []
         for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             fill(pipe)
             results = pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 for script in scripts:
-                    self._redis.script_load(script)
+                    client.script_load(script)
                 continue
             break
         return results
 
-    def _failed(self, exc: RedisError) -> None:
+    def _failed(self, exc: Exception) -> None:
         with self._lock:
             self.errors += 1
             first = time.monotonic() >= self._skip_until

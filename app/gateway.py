@@ -16,14 +16,14 @@ from typing import Any
 from redis import Redis
 
 from app.breaker import Breaker
-from app.cache import LEASE_MS, Cache
+from app.cache import LEASE_MS, LOOKUP_TIMEOUT_S, Cache
 from app.errors import DeadlineExceeded, TooManyRequests, Unavailable, error_for_status
 from app.metrics import count_cache_lookup
 from app.replies import ReplyListener
 from app.routing import EmptyRingError, Router, WorkerFull
 from app.schemas import Tensor
 from app.shards import gather, split
-from app.submit import Call, Dispatcher
+from app.submit import Call, Dispatcher, Lookup
 from hashing.membership import Follower, Membership
 from hashing.shards import ring_digest
 from tasks.contract import (
@@ -82,11 +82,13 @@ class Gateway:
             self.listener = ReplyListener(self.redis, self.dispatcher.reply_key, self.dispatcher.resolve)
             self.cache: Cache | None = None
             if s.cache:
-                # its own client: a follower blocks on it for up to a lease, and it may be another Redis
-                cache_redis = Redis.from_url(
-                    s.cache_redis_url or s.redis_url, socket_timeout=2 * LEASE_MS / 1000, socket_connect_timeout=0.5
-                )
-                self.cache = Cache(cache_redis, s.cache_ttl_s, s.cache_max_bytes, self.dispatcher.gateway_id)
+                # its own clients (it may be another Redis): a follower blocks on one for up to a lease;
+                # the sender makes its lookups on the other, which must not hold up every request for long
+                url = s.cache_redis_url or s.redis_url
+                cache_redis = Redis.from_url(url, socket_timeout=2 * LEASE_MS / 1000, socket_connect_timeout=0.5)
+                lookups = Redis.from_url(url, socket_timeout=LOOKUP_TIMEOUT_S, socket_connect_timeout=LOOKUP_TIMEOUT_S)
+                self.cache = Cache(cache_redis, s.cache_ttl_s, s.cache_max_bytes, self.dispatcher.gateway_id, lookups)
+                self.dispatcher.look = self.cache.look
                 self.cache.start()
             self.follower.start()
             self.listener.start()
@@ -142,50 +144,65 @@ class Gateway:
         )
         deadline = time.monotonic() + limit_ms / 1000
 
-        def compute() -> Result:
-            return self._compute(key, meta, version, tensors, deadline, limit_ms)
+        def compute(lookup: Lookup | None) -> Result | None:
+            return self._compute(key, meta, version, tensors, deadline, limit_ms, lookup)
 
         if self.cache is None or not meta.response_cache:
-            return Answer(compute())
+            result = compute(None)
+            assert result is not None  # no lookup: a worker's answer
+            return Answer(result)
         result, cached = self.cache.through(meta.name, version, tensors, deadline, compute)
         count_cache_lookup(meta.name, version, cached)
         return Answer(result, cached)
 
     def _compute(
-        self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], deadline: float, limit_ms: float
-    ) -> Result:
-        """The worker's result (a sharded model's: gathered from the workers that hold its rows)."""
+        self,
+        key: str,
+        meta: ModelMetadata,
+        version: str,
+        tensors: list[Tensor],
+        deadline: float,
+        limit_ms: float,
+        lookup: Lookup | None = None,
+    ) -> Result | None:
+        """The worker's result (a sharded model's: gathered from the workers that hold its rows), or None
+        when the cache ``lookup``, made by the sender first, found an entry (then nothing was sent)."""
+
+        def submit(part: list[Tensor], position: int | None) -> Call:
+            try:
+                rows = self.max_rows(meta)
+                return self.dispatcher.submit(key, meta.name, version, part, deadline, rows, position, lookup)
+            except EmptyRingError:
+                raise Unavailable("no worker is alive") from None
+            except WorkerFull as exc:
+                raise TooManyRequests(f"worker {exc.node} has too many requests in flight; retry shortly") from None
+
         if meta.sharding is None:
-            call = self._submit(key, meta, version, tensors, deadline, None)
-            return self._result(call, deadline, limit_ms)
+            return self._result(submit(tensors, None), deadline, limit_ms)
         parts = split(tensors, meta.sharding, self.dispatcher.router.placements)
         calls: list[Call] = []
         try:
-            for part in parts:
-                calls.append(self._submit(key, meta, version, part.tensors, deadline, part.position))
+            for part in parts:  # one lookup for them all: made before any of them is sent
+                calls.append(submit(part.tensors, part.position))
             results = [self._result(call, deadline, limit_ms) for call in calls]
         except Exception:
             for call in calls:  # the answer is lost anyway: stop waiting for the other parts
                 self.dispatcher.forget(call, worker_fault=False)
             raise
-        return gather(parts, results, tensors[0].shape[0])
+        answered = [result for result in results if result is not None]
+        if len(answered) < len(results):  # the lookup found an entry: no part was sent
+            return None
+        return gather(parts, answered, tensors[0].shape[0])
 
-    def _submit(
-        self, key: str, meta: ModelMetadata, version: str, tensors: list[Tensor], deadline: float, position: int | None
-    ) -> Call:
-        try:
-            return self.dispatcher.submit(key, meta.name, version, tensors, deadline, self.max_rows(meta), position)
-        except EmptyRingError:
-            raise Unavailable("no worker is alive") from None
-        except WorkerFull as exc:
-            raise TooManyRequests(f"worker {exc.node} has too many requests in flight; retry shortly") from None
-
-    def _result(self, call: Call, deadline: float, limit_ms: float) -> Result:
-        """Wait for ``call`` until ``deadline`` (``limit_ms`` after the request came); its result, or its error."""
+    def _result(self, call: Call, deadline: float, limit_ms: float) -> Result | None:
+        """Wait for ``call`` until ``deadline`` (``limit_ms`` after the request came); its result, or its
+        error; None if its cache lookup found an entry, so that it was not sent."""
         if not call.wait(max(0.0, deadline - time.monotonic())):
             # Only the server's own timeout blames the worker; a client's shorter one does not.
             self.dispatcher.forget(call, worker_fault=limit_ms >= self.settings.request_timeout_ms)
             raise DeadlineExceeded(f"no result within {limit_ms:g} ms")
+        if call.found_in_cache:
+            return None
         if call.error is not None:
             raise call.error
         if isinstance(call.reply, Failure):

@@ -102,6 +102,25 @@ def take_waiting(q: queue.SimpleQueue[T | None], timeout_s: float | None = None)
         taken.append(nxt)
 
 
+@dataclass(eq=False)
+class Lookup:
+    """A response-cache lookup (:mod:`app.cache`) that rides with the call(s) of one request.
+
+    The sender makes it in its cycle, before it sends anything of that request, every lookup of
+    the cycle in one round trip: the request thread hands over once, as it does without a cache.
+    ``found`` is what the entry held (an answer, or another request's lock); then the calls are
+    not sent and wake their thread at once. Nothing found means the lock is now ours: the calls
+    are sent. An error is a miss, kept for the cache to count.
+    """
+
+    digest: str
+    lock: bytes
+    hit: str  # the counter a found answer adds to: "hits", or "coalesced" after following a leader
+    done: bool = False
+    found: bytes | None = None
+    error: Exception | None = None
+
+
 def held_lock() -> threading.Lock:
     """A lock taken at once: its release is the signal a waiting request thread wakes on. A bare lock
     is all C, where ``threading.Event`` builds a condition and a waiter lock in Python per wait."""
@@ -123,6 +142,7 @@ class Call:
     floor_rows: int  # one batch of its model: bounded loads engage only above it
     position: int | None = None  # rows of a sharded table: the ring position they are routed by
     lease: Lease | None = None  # the worker it was sent to, while it holds it
+    lookup: Lookup | None = None  # the response cache's, made before the call is sent
     reply: Reply | None = None  # the worker's answer
     error: RingserveError | None = None  # or the gateway's own verdict
     _done: threading.Lock = field(default_factory=held_lock, repr=False)
@@ -143,6 +163,11 @@ class Call:
         """The wire item: the time left is sent, never a clock reading."""
         return Item(self.id, self.model, self.version, (self.deadline - now) * 1000, tuple(self.tensors))
 
+    @property
+    def found_in_cache(self) -> bool:
+        """Its lookup found an entry, so it was not sent: the thread waiting on it reads the lookup."""
+        return self.lookup is not None and self.lookup.found is not None
+
     def wait(self, timeout_s: float) -> bool:
         """Block until the call is answered (True) or ``timeout_s`` passed (False)."""
         return self._done.acquire(timeout=timeout_s)
@@ -153,6 +178,10 @@ class Call:
 
     def fail(self, error: RingserveError) -> None:
         self.error = error
+        self._finish()
+
+    def end_in_cache(self) -> None:
+        """Its lookup found an entry: it ends unsent, and its thread reads the lookup."""
         self._finish()
 
     def _finish(self) -> None:
@@ -196,6 +225,8 @@ class Dispatcher:
         self._members: set[str] = set()
         self.refused_for_memory = 0  # requests answered 503 because Redis was full
         self._resent: Counter[str] = Counter()  # requests sent again, by cause (under _lock; for /metrics)
+        # The response cache's lookups, made in one round trip; sets each one's done, found or error.
+        self.look: Callable[[list[Lookup]], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -235,10 +266,12 @@ class Dispatcher:
         deadline: float,
         floor_rows: int,
         position: int | None = None,
+        lookup: Lookup | None = None,
     ) -> Call:
-        """Route and queue one request. Raises EmptyRingError or WorkerFull."""
+        """Route and queue one request (with the cache ``lookup`` to make first). Raises EmptyRingError
+        or WorkerFull."""
         call_id = f"{self.gateway_id}:{next(self._ids)}"
-        call = Call(call_id, key, model, version, tensors, deadline, floor_rows, position)
+        call = Call(call_id, key, model, version, tensors, deadline, floor_rows, position, lookup=lookup)
         call.lease = self.router.acquire(key, call.rows, floor_rows, position)
         with self._lock:
             self._pending[call.id] = call
@@ -341,16 +374,20 @@ class Dispatcher:
         for call in calls:
             self._outbox.put(call)
 
+    def _take_back(self, call: Call) -> Call | None:
+        """Stop tracking ``call`` and give its lease back, saying nothing about its worker; None if it was
+        answered or abandoned already."""
+        with self._lock:
+            known = self._pending.pop(call.id, None)
+        if known is not None and known.lease is not None:
+            self.router.release(known.lease, ok=None)
+        return known
+
     def _fail(self, calls: list[Call], error: RingserveError) -> None:
         """Answer ``calls`` with the gateway's own error; says nothing about their workers."""
         for call in calls:
-            with self._lock:
-                known = self._pending.pop(call.id, None)
-            if known is None:
-                continue
-            if known.lease is not None:
-                self.router.release(known.lease, ok=None)
-            known.fail(error)
+            if (known := self._take_back(call)) is not None:
+                known.fail(error)
 
     def _collect(self, timeout_s: float | None) -> list[Call] | None:
         """Everything queued now, waiting up to ``timeout_s`` for the first; None: stop."""
@@ -398,11 +435,27 @@ class Dispatcher:
         except RedisError as exc:
             log.debug("sender: load not reported: %s", exc)
 
+    def _look_up(self, lookups: list[Lookup]) -> None:
+        """Make the cycle's new cache lookups. Whatever goes wrong is a miss: the calls are sent."""
+        if not lookups:
+            return
+        try:
+            assert self.look is not None, "a call carries a lookup but no cache looks"
+            self.look(lookups)
+        except Exception as exc:
+            log.exception("sender: cache lookups failed; sending their requests")
+            for lookup in lookups:
+                lookup.error = exc
+        for lookup in lookups:
+            lookup.done = True
+
     def _send(self, calls: list[Call]) -> list[Call]:
         """Publish one message per worker; returns the calls that could not be published."""
         by_node: dict[str, list[Call]] = defaultdict(list)
         now = time.monotonic()
         seen: set[str] = set()
+        live: list[tuple[str, Call]] = []
+        lookups: dict[int, Lookup] = {}
         for call in calls:
             if call.id not in self._pending or call.node is None or call.id in seen:
                 continue  # answered or abandoned meanwhile, or queued twice (re-sent)
@@ -410,7 +463,16 @@ class Dispatcher:
             if call.deadline <= now:
                 self._fail([call], DeadlineExceeded("deadline passed before the request could be sent"))
                 continue
-            by_node[call.node].append(call)
+            if call.lookup is not None:
+                lookups.setdefault(id(call.lookup), call.lookup)
+            live.append((call.node, call))
+        self._look_up([lookup for lookup in lookups.values() if not lookup.done])
+        for node, call in live:
+            if call.found_in_cache:  # not sent: its thread wakes and reads the lookup
+                if (known := self._take_back(call)) is not None:
+                    known.end_in_cache()
+            else:
+                by_node[node].append(call)
         messages = [(node, part) for node, cs in by_node.items() for part in chunks(cs, self._message_bytes)]
         if not messages:
             return []

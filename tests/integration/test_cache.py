@@ -23,8 +23,9 @@ from flask.testing import FlaskClient
 from redis import Redis
 
 from app.binary import HEADER
-from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, Cache, Lookup, digest
+from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, digest
 from app.schemas import parse_simple
+from app.submit import Lookup
 from tasks.contract import (
     CACHE_BYTES_KEY,
     CACHE_ENTRY_PREFIX,
@@ -33,8 +34,6 @@ from tasks.contract import (
     CACHE_PREFIX,
     CACHE_SIZES_KEY,
     STATS_CACHE_KEY,
-    Result,
-    Tensor,
     cache_done_key,
     cache_entry_key,
     decode_cached,
@@ -138,13 +137,16 @@ def test_off_for_a_model_whose_config_says_so_and_off_altogether(apps: Apps, tmp
 def test_only_answers_are_cached_never_errors(apps: Apps, shared_cluster: Cluster) -> None:
     client = apps().test_client()
     row = fresh_row()
-    status, _ = infer(client, row, timeout_ms=0.001)  # its deadline passes before any worker answers
+    status, _ = infer(client, row, timeout_ms=0.001)  # its deadline passes before the sender takes it
+    assert status == 504 and cache_stats(client)["misses"] == 0  # so it was never looked up
+    late = fresh_row()
+    shared_cluster.redis.set(cache_entry_key(key_of(late)), CACHE_LOCK_PREFIX + b"elsewhere:1", px=LEASE_MS // 2)
+    status, _ = infer(client, late, timeout_ms=LEASE_MS / 4)  # it waits for another's computation, in vain
     assert status == 504
-    entry = cache_entry_key(key_of(row))
-    wait_until(lambda: shared_cluster.redis.get(entry) is None, LEASE_MS / 2000, "the failed leader's lock to go")
-    assert [infer(client, row)[1]["cached"] for _ in range(2)] == [False, True]
-    stats = cache_stats(client)  # the repeat may have come before the answer was stored: then it waited for it
-    assert (stats["hits"] + stats["coalesced"], stats["misses"]) == (1, 2)
+    assert [infer(client, r)[1]["cached"] for r in (row, row, late, late)] == [False, True, False, True]
+    stats = cache_stats(client)  # a repeat may have come before the answer was stored: then it waited for it
+    assert (stats["hits"] + stats["coalesced"], stats["misses"]) == (2, 2)
+    assert cache_stats(client)["errors_this_process"] == 0
 
 
 def test_identical_requests_in_flight_are_computed_once_across_gateways(apps: Apps, shared_cluster: Cluster) -> None:
@@ -328,55 +330,62 @@ def test_a_sharded_model_caches_the_gathered_result(
     assert sum(client.get("/stats").json["requests_per_node"].values()) == 2  # two parts, once
 
 
-def test_lookups_waiting_together_travel_in_one_round_trip(
-    shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+def test_the_sender_looks_up_a_cycles_requests_in_one_round_trip_before_sending_them(
+    apps: Apps, shared_cluster: Cluster
 ) -> None:
-    """Request threads hand their lookups to the reader: 20 queued before it runs go out in one pipeline,
-    and each thread gets its own answer (here: nothing stored, so each took its lock, 20 misses)."""
-    clear(shared_cluster.redis)
-    cache = Cache(Redis.from_url(shared_cluster.settings.redis_url), 60, 10**6, "test")
-    batches: list[int] = []
-    send = cache._lookup_all
+    """While the sender makes one lookup, 19 more requests queue: its next cycle looks them all up in one
+    pipeline. Misses are sent and computed; the same rows again are answered from the cache, unsent."""
+    app = apps()
+    client = app.test_client()
+    assert infer(client, fresh_row())[1]["cached"] is False  # the gateway's threads run
+    dispatcher = app.extensions["ringserve"].dispatcher
+    look, batches, hold = dispatcher.look, [], threading.Event()
 
-    def counted(batch: list[Lookup]) -> None:
-        batches.append(len(batch))
-        send(batch)
+    def held(lookups: list[Lookup]) -> None:
+        batches.append(len(lookups))
+        hold.wait(10)
+        look(lookups)
 
-    monkeypatch.setattr(cache, "_lookup_all", counted)
-    found: dict[int, bytes | None] = {}
+    dispatcher.look = held
+    rows = [fresh_row() for _ in range(20)]
+    answers: dict[int, bool] = {}
 
-    def look(i: int) -> None:
-        found[i] = cache._lookup(f"{i:064x}", CACHE_LOCK_PREFIX + f"test:{i}".encode(), "hits")
+    def send(i: int) -> None:
+        status, answer = infer(app.test_client(), rows[i])
+        assert status == 200
+        answers[i] = answer["cached"]
 
-    threads = [threading.Thread(target=look, args=(i,)) for i in range(20)]
+    before = routed(client)
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    wait_until(lambda: batches == [1], 10, "the sender to look up the first request")
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(1, 20)]
     for t in threads:
         t.start()
-    wait_until(lambda: cache._lookups.qsize() == 20, 10, "20 lookups queued")
-    assert not found  # they wait for the reader: none went to Redis on its own
-    cache.start()
-    for t in threads:
-        t.join(10)
-    cache.stop()
-    assert batches == [20] and found == dict.fromkeys(range(20))
-    assert shared_cluster.redis.hget(STATS_CACHE_KEY, "misses") == b"20"
-    assert shared_cluster.redis.get(cache_entry_key(f"{7:064x}")) == CACHE_LOCK_PREFIX + b"test:7"
-    clear(shared_cluster.redis)
+    wait_until(lambda: dispatcher._outbox.qsize() == 19, 10, "19 requests queued behind the lookup")
+    hold.set()
+    for t in [first, *threads]:
+        t.join(30)
+    assert batches == [1, 19] and answers == dict.fromkeys(range(20), False)
+    assert routed(client) == before + 20
+    for i in range(20):  # one at a time now: hits end in the sender, unsent
+        send(i)
+    assert answers == dict.fromkeys(range(20), True) and routed(client) == before + 20
+    assert cache_stats(client)["errors_this_process"] == 0
 
 
-def test_a_failing_reader_answers_its_waiters_with_a_miss_and_lives_on(
-    shared_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cache = Cache(Redis.from_url(shared_cluster.settings.redis_url), 60, 10**6, "test")
+def test_a_lookup_that_fails_is_a_miss_and_the_sender_lives_on(apps: Apps) -> None:
+    app = apps()
+    client = app.test_client()
+    gateway = app.extensions["ringserve"]
+    assert infer(client, fresh_row())[0] == 200
 
-    def broken(batch: list[Lookup]) -> None:
+    def broken(lookups: list[Lookup]) -> None:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cache, "_lookup_all", broken)
-    cache.start()
-    pixels = Tensor("pixels", "FP32", (1, 64), bytes(256))
-    computed = Result("x", "worker_1", 1, "1", (Tensor("probabilities", "FP32", (1, 10), bytes(40)),))
-    try:
-        assert cache.through("digits", "1", [pixels], time.monotonic() + 5, lambda: computed) == (computed, False)
-        assert cache.alive and cache.errors == 1
-    finally:
-        cache.stop()
+    gateway.dispatcher.look = broken
+    before = routed(client)
+    status, answer = infer(client, fresh_row())
+    assert status == 200 and answer["cached"] is False and routed(client) == before + 1  # computed
+    assert gateway.cache.errors == 1 and gateway.dispatcher.alive
+    assert client.get("/v2/health/ready").status_code == 200
