@@ -20,6 +20,7 @@ from pathlib import Path
 
 POLL_S = 0.1
 STOP_TIMEOUT_S = 20.0
+TERM_AGAIN_S = 1.0  # a peer still running this long after SIGTERM gets a second one (see Process.stop)
 LOG_TAIL_LINES = 40
 
 
@@ -112,15 +113,28 @@ class Process:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; then the same for descendants left over."""
+        """SIGTERM to its process group, once more after :data:`TERM_AGAIN_S`, then SIGKILL after
+        ``timeout_s``; then the same for descendants left over.
+
+        granian 2.8 ignores a SIGTERM that reaches a worker still starting, and its main process
+        then waits for that worker for ever: a stop right after the first answer hung until the
+        SIGKILL in 2 of 4 tries. The second SIGTERM finds the worker running, and all exit.
+        """
         family = descendants(self.pid)
-        if self._popen.poll() is None:
-            self._popen.send_signal(signal.SIGTERM)
+        for wait_s in (TERM_AGAIN_S, timeout_s):
+            if self._popen.poll() is not None:
+                break
             try:
-                self._popen.wait(timeout_s)
+                os.killpg(self.pid, signal.SIGTERM)  # started in a session of its own: its group
+            except ProcessLookupError:
+                break
+            try:
+                self._popen.wait(wait_s)
             except subprocess.TimeoutExpired:
-                self._popen.kill()
-                self._popen.wait()
+                continue
+        if self._popen.poll() is None:
+            self._popen.kill()
+            self._popen.wait()
         if not _wait_gone(family, timeout_s=5.0):  # children usually follow their parent out
             _signal_all(family, signal.SIGTERM)
             if not _wait_gone(family, timeout_s):

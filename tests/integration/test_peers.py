@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from bench.peers import FLOOR, running_peer, unavailable
-from bench.peers.process import alive, descendants, free_port
+from bench.peers.process import Process, alive, descendants, free_port
 from tasks.repository import Repository
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +92,31 @@ def test_an_unknown_setting_fails_before_anything_starts() -> None:
         running_peer("naive", "digits", 1, free_port(), {"max_wait_ms": "5"}),
     ):
         pass
+
+
+# A server whose child ignores the first SIGTERM and obeys the second, as a granian worker that is still
+# starting does; its parent waits for the child, as granian's main process does.
+STUBBORN = """
+import os, signal, subprocess, sys, time
+if sys.argv[1:] == ["child"]:
+    terms = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0) if terms else terms.append(1))
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+child = subprocess.Popen([sys.executable, __file__, "child"])
+signal.signal(signal.SIGTERM, lambda *_: None)  # the parent stops when its child has
+sys.exit(child.wait())
+"""
+
+
+def test_a_stop_gets_past_a_process_that_ignores_the_first_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN)
+    process = Process("stubborn", [sys.executable, str(script)], tmp_path, dict(os.environ), tmp_path)
+    wait_until(lambda: len(descendants(process.pid)) == 1, 10, "the child to start")
+    time.sleep(0.5)  # its handler is in place
+    family = descendants(process.pid)
+    process.stop()
+    assert process.exited() == 0  # it exited by itself after the second SIGTERM: no SIGKILL was needed
+    assert not [pid for pid, start in family.items() if alive(pid, start)]
