@@ -16,7 +16,7 @@ from typing import Any
 from redis import Redis
 
 from app.breaker import Breaker
-from app.cache import LEASE_MS, LOOKUP_TIMEOUT_S, Cache
+from app.cache import LEASE_MS, LOOKUP_TIMEOUT_S, Cache, computed
 from app.errors import DeadlineExceeded, TooManyRequests, Unavailable, error_for_status
 from app.metrics import count_cache_lookup
 from app.replies import ReplyListener
@@ -148,9 +148,7 @@ class Gateway:
             return self._compute(key, meta, version, tensors, deadline, limit_ms, lookup)
 
         if self.cache is None or not meta.response_cache:
-            result = compute(None)
-            assert result is not None  # no lookup: a worker's answer
-            return Answer(result)
+            return Answer(computed(compute(None)))  # no lookup: a worker's answer
         result, cached = self.cache.through(meta.name, version, tensors, deadline, compute)
         count_cache_lookup(meta.name, version, cached)
         return Answer(result, cached)

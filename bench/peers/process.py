@@ -8,6 +8,7 @@ nothing is ever killed by name. Linux only (reads ``/proc``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -128,10 +129,8 @@ class Process:
                 os.killpg(self.pid, signal.SIGTERM)  # started in a session of its own: its group
             except ProcessLookupError:
                 break
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._popen.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                continue
         if self._popen.poll() is None:
             self._popen.kill()
             self._popen.wait()
