@@ -431,6 +431,18 @@ def _binary_lines(f: dict[str, Any]) -> list[str]:
                 f"  {100 * a['share_of_ceiling']:.1f}% of the ceiling  gateway {_n(a['gateway_cpu_ms_per_request'], 3)}"
                 f" CPU ms/req  failed {a['failed']}"
             )
+        peer = m.get("peer_best_json")
+        if peer is None:
+            continue
+        if "throughput_rps" not in peer:
+            lines.append(f"     {peer['system']}: not run ({peer['skipped']})")
+            continue
+        setting = " ".join(f"{k}={v}" for k, v in peer["setting"].items())
+        lines.append(
+            f"     {peer['system']}'s best JSON, of {peer['settings_tried']} settings ({setting}):"
+            f" {_n(peer['throughput_rps'], 0)} req/s  p99 {_n(peer['p99_ms'], 1)} ms;"
+            f" ringserve binary/{peer['system']} {_n(m['binary_over_peer_best_json'], 2)}x"
+        )
     return lines
 
 

@@ -3,9 +3,12 @@
 For each model, one ringserve (``--workers``, single-threaded BLAS) serves two wrk runs: the exact
 request bytes ``tritonclient[http]`` sends with its defaults (binary input, binary outputs; built by
 ``InferenceServerClient.generate_request_body``, 1 row per request), then the same rows as v2 JSON.
-The in-process batch-32 ceiling of the model (every core) is measured in the same run. Reports rows/s
-as a share of the ceiling and the gateway's CPU per request, binary against JSON. Targets (issue #11):
-heavy, binary, 3 workers ≥ 50 % of the ceiling; gateway CPU per heavy request ≥ 3 × lower than JSON.
+The in-process batch-32 ceiling of the model (every core) is measured in the same run, and so is the
+peer's (Mosec's) best JSON figure: the same rows as ``/infer`` JSON, each of its settings tried once
+(workers × ``max_wait_ms`` at batch 32), the highest throughput kept with its setting. Reports rows/s
+as a share of the ceiling, binary against the peer's best, and the gateway's CPU per request, binary
+against JSON. Targets (issue #11): heavy, binary, 3 workers ≥ 50 % of the ceiling; gateway CPU per
+heavy request ≥ 3 × lower than JSON; heavy, binary ≥ 1.5 × the peer's best JSON.
 """
 
 from __future__ import annotations
@@ -13,18 +16,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from typing import Any
 
 from bench import ceiling, trial
 from bench.cli import load_from_args
 from bench.payload import BINARY
 from bench.results import scenario_document
-from bench.scenarios import floor
+from bench.scenarios import compare, floor
 from bench.scenarios.spec import Context, Scenario
 from bench.system import RingServe
 from tasks.settings import MAX_BATCH_SIZE
 
-TARGETS = {"heavy_binary_share_of_ceiling": 0.5, "heavy_gateway_cpu_json_over_binary": 3.0}
+TARGETS = {
+    "heavy_binary_share_of_ceiling": 0.5,
+    "heavy_gateway_cpu_json_over_binary": 3.0,
+    "heavy_binary_over_peer_best_json": 1.5,
+}
 APIS = {"v2": "JSON", BINARY: "binary (tritonclient's bytes)"}  # JSON first: it warms the system up
 
 
@@ -33,10 +41,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=3, help="ringserve's workers")
     parser.add_argument("--models", nargs="+", default=["digits", "heavy"], help="models to measure")
     parser.add_argument("--ceiling-duration", type=float, default=5.0, help="seconds per in-process ceiling point")
+    parser.add_argument("--peer", default="mosec", help="the peer whose best JSON figure binary meets; '' for none")
+    parser.add_argument("--peer-workers", nargs="+", type=int, default=[1, 2, 3], help="the peer's workers tried")
+    parser.add_argument(
+        "--max-wait-ms", nargs="+", type=int, default=[1, 5, 20], help="mosec's max_wait_time tried (batch 32)"
+    )
 
 
 def gateway_ms(run: dict[str, Any]) -> float:
     return float(run["server"]["cpu"]["cpu_ms_per_request"].get("gateway", float("nan")))
+
+
+def peer_best(ctx: Context, args: argparse.Namespace, model: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peer at each of its settings, once, on ``/infer`` JSON: its best run's figures and setting,
+    or why it did not run. Its runs join ``runs``."""
+    load = dataclasses.replace(load_from_args(args), model=model, api="infer")  # the API every peer speaks
+    configs = compare.plan([args.peer], args.peer_workers, {"mosec": {"max_wait_ms": args.max_wait_ms}})
+    points: list[dict[str, Any]] = []
+    why = ""
+    for config in (c for c in configs if c.system == args.peer):
+        try:
+            with compare.started(config, ctx, model) as target:
+                doc = trial.by_wrk(
+                    ctx.name, f"{model} {config.label}", target, load, ctx.machine, args.wrk_threads, args.warmup
+                )  # fmt: skip
+        except trial.PeerUnavailable as exc:
+            why = str(exc)
+            print(f"skipping {config.label}: {exc}", file=sys.stderr)
+            break  # a peer that cannot run here runs at no setting
+        runs.append(doc)
+        points.append({"setting": dict(config.setting), **compare.figures(doc)})
+    if not points:
+        return {"system": args.peer, "skipped": why}
+    top = max(points, key=lambda p: p["throughput_rps"])
+    return {"system": args.peer, "settings_tried": len(points), **top}
 
 
 def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
@@ -71,15 +109,35 @@ def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
             / by_api[BINARY]["gateway_cpu_ms_per_request"],
             "binary_over_json_throughput": by_api[BINARY]["throughput_rps"] / by_api["v2"]["throughput_rps"],
         }
+        if args.peer:
+            peer = per_model[model]["peer_best_json"] = peer_best(ctx, args, model, runs)
+            if "throughput_rps" in peer:
+                binary_rps = by_api[BINARY]["throughput_rps"]
+                per_model[model]["binary_over_peer_best_json"] = binary_rps / peer["throughput_rps"]
     findings = {"binary": {"models": per_model, "workers": args.workers, "targets": TARGETS}}
-    config = {"workers": args.workers, "models": args.models, "blas": ceiling.SINGLE_THREADED, "command": ctx.command}
+    config = {
+        "workers": args.workers,
+        "models": args.models,
+        "peer": args.peer,
+        "peer_workers": args.peer_workers,
+        "max_wait_ms": args.max_wait_ms,
+        "blas": ceiling.SINGLE_THREADED,
+        "command": ctx.command,
+    }
     return scenario_document(ctx.name, config, ctx.machine, runs, findings)
 
 
 SCENARIO = Scenario(
     "binary",
-    "tritonclient's binary request bytes against v2 JSON, replayed with wrk, digits and heavy, vs the ceiling",
+    "tritonclient's binary request bytes against v2 JSON and the peer's best JSON, replayed with wrk, vs the ceiling",
     add_arguments,
     run,
-    {**floor.TINY, "models": ["digits"], "ceiling_duration": 0.3, "workers": 2},
+    {
+        **floor.TINY,
+        "models": ["digits"],
+        "ceiling_duration": 0.3,
+        "workers": 2,
+        "peer_workers": [1],
+        "max_wait_ms": [5],
+    },
 )

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import procs
+from bench import procs, trial
 from bench.results import RESULTS_FILE, runs_of
 from bench.stats import BALANCE_KEYS, LATENCY_KEYS, SUMMARY_KEYS
 from bench.system import RingServe, supervised_pids
@@ -70,7 +70,7 @@ RUNS = {
     "leave": 1,
     "redis-restart": 1,
     "soak": 1,
-    "binary": 2,
+    "binary": 2,  # and one more when the peer (mosec) runs here
     "sharding": 3,
     "cache": 3,
 }
@@ -79,6 +79,9 @@ ENVIRONMENT = {"failover": {"RINGSERVE_MEMBER_TTL_MS": "1000"}}
 # Scenarios whose failed requests are a measured outcome (a killed worker, Redis), reported rather than asserted.
 MAY_FAIL = {"failover", "redis-restart", "sharding"}
 # Scenarios that take longer than the others' 110 s at their tiny size (sharding: four systems, one after another).
+# A tiny scenario's deadline: a safety net only (the suite runs two tests at a time on a 2-core machine,
+# where a tiny scenario takes 20-70 s, sharding 150 s).
+SCENARIO_TIMEOUT_S = 240
 TIMEOUT_S = {"sharding": 480}
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 
@@ -211,9 +214,7 @@ def check_sharding(f: dict[str, Any], runs: list[dict[str, Any]]) -> None:
 
 
 def scenario_param(name: str) -> Any:
-    if name not in TIMEOUT_S:
-        return name
-    return pytest.param(name, marks=pytest.mark.timeout(TIMEOUT_S[name] + 10))
+    return pytest.param(name, marks=pytest.mark.timeout(TIMEOUT_S.get(name, SCENARIO_TIMEOUT_S) + 10))
 
 
 @pytest.mark.parametrize("name", [scenario_param(name) for name in ARTIFACTS])
@@ -229,7 +230,7 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         "--out",
         str(tmp_path),
         env=ENVIRONMENT.get(name),
-        timeout_s=TIMEOUT_S.get(name, 110),
+        timeout_s=TIMEOUT_S.get(name, SCENARIO_TIMEOUT_S),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for artifact in ARTIFACTS[name]:
@@ -238,7 +239,7 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
     assert doc["scenario"] == name and "machine" in doc and "config" in doc
     runs = runs_of(doc)
     if name in RUNS:
-        assert len(runs) == RUNS[name]
+        assert len(runs) == RUNS[name] + (name == "binary" and trial.peer_unavailable("mosec") is None)
     for run in runs:
         check_run(run, may_fail=name in MAY_FAIL)
     assert no_process_left(tmp_path)
@@ -291,6 +292,13 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
         d = findings["binary"]["models"]["digits"]
         assert set(d["apis"]) == {"v2", "binary"} and d["ceiling_rows_per_s"] > 0
         assert all(a["failed"] == 0 and a["throughput_rps"] > 0 for a in d["apis"].values())
+        peer = d["peer_best_json"]
+        assert peer["system"] == "mosec"
+        if trial.peer_unavailable("mosec") is None:
+            assert peer["setting"] == {"workers": 1, "max_wait_ms": 5} and peer["failed"] == 0
+            assert d["binary_over_peer_best_json"] == d["apis"]["binary"]["throughput_rps"] / peer["throughput_rps"]
+        else:
+            assert peer["skipped"] and "binary_over_peer_best_json" not in d
     if name == "soak":
         s = findings["soak"]
         assert {"redis_used_memory", "gateway_rss", "worker_1_rss", "redis_rss"} <= set(s["memory"])
