@@ -278,6 +278,7 @@ def test_a_batch_is_a_task_received_started_and_succeeded() -> None:
     (_, received), (_, started), (_, succeeded) = sent.events
     assert received["uuid"] == started["uuid"] == succeeded["uuid"]
     assert received["name"] == TASK_NAME and received["args"] == "3 requests, 3 rows of digits/1"
+    assert "kwargs" not in received  # Flower would parse "{}" with ast.literal_eval at each of the task's events
     # stamped when it happened: its first request's arrival, its forward's start
     assert started["timestamp"] - received["timestamp"] == pytest.approx(0.008, abs=1e-3)
     assert succeeded["runtime"] == pytest.approx(0.002, abs=1e-3)
