@@ -104,6 +104,12 @@ class Router:
         with self._lock:
             self._peers = max(0, count)
 
+    @property
+    def peers(self) -> int:
+        """Other gateway processes with rows in flight, as last counted (see :meth:`set_peers`)."""
+        with self._lock:
+            return self._peers
+
     def rows_in_flight(self) -> dict[str, int]:
         """Their rows per node: what bounded loads weigh."""
         with self._lock:

@@ -57,6 +57,30 @@ MESSAGE_BYTES = 4 * 1024 * 1024  # one message's tensor bytes; a single larger r
 LOAD_REPORT_S = 0.1  # how often, while requests are in flight, this process publishes their rows per node
 LOAD_REPORT_TTL_MS = 300  # a process that stops reporting drops out of the sum after this
 
+# A load report in one round trip (three before: the report, the set of reporters, their reports):
+# replace this process's rows in flight per node, then count the other processes whose report still
+# lives, pruning the set of those whose report expired. The reports' keys are found from the set, so
+# the script reads keys it was not given: fine on one Redis, not on a cluster (ringserve uses no cluster).
+# KEYS: the reporters' set, our report; ARGV: our id, the report's ttl (ms), the reports' key prefix,
+# then node, rows, ... (none: withdraw our report).
+REPORT_LOAD_LUA = """
+redis.call('DEL', KEYS[2])
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+local others = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[3] .. id) == 0 then
+    redis.call('SREM', KEYS[1], id)
+  elseif id ~= ARGV[1] then
+    others = others + 1
+  end
+end
+return others
+"""
+
 
 def live_reports(redis: Redis, ids_key: str, report_key: Callable[[str], str]) -> list[tuple[str, dict[bytes, bytes]]]:
     """The expiring hash each gateway process in the set ``ids_key`` reports, by process id, for those
@@ -218,6 +242,7 @@ class Dispatcher:
         self._origin = f"gen{os.getpid()}@{socket.gethostname()}"  # as Celery names a sending process
         self._broker_down = False  # the last publish failed: log once, not at every retry
         self._load_key = gateway_load_key(self.gateway_id)
+        self._report = redis.register_script(REPORT_LOAD_LUA)
         self._load_reported_at = 0.0
         self._load_reported: dict[str, int] = {}
         self._queue_grace_ms = int(queue_grace_s * 1000)
@@ -421,17 +446,13 @@ class Dispatcher:
         if not rows and not self._load_reported:
             return
         self._load_reported_at = now
+        args: list[str | int] = [self.gateway_id, LOAD_REPORT_TTL_MS, gateway_load_key("")]
+        for node, n in rows.items():
+            args += (node, n)
         try:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.delete(self._load_key)
-            if rows:
-                pipe.hset(self._load_key, mapping=rows)  # type: ignore[arg-type]
-                pipe.pexpire(self._load_key, LOAD_REPORT_TTL_MS)
-                pipe.sadd(GATEWAYS_KEY, self.gateway_id)
-            pipe.execute()
+            others = self._report(keys=[GATEWAYS_KEY, self._load_key], args=args)
             self._load_reported = rows
-            busy = live_reports(self._redis, GATEWAYS_KEY, gateway_load_key)
-            self.router.set_peers(sum(gateway_id != self.gateway_id for gateway_id, _ in busy))
+            self.router.set_peers(int(others))
         except RedisError as exc:
             log.debug("sender: load not reported: %s", exc)
 

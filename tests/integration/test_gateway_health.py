@@ -7,7 +7,9 @@ import threading
 from collections.abc import Callable
 
 from flask import Flask
+from redis import Redis
 
+from tasks.contract import GATEWAYS_KEY
 from tasks.settings import Settings
 from tests.conftest import Cluster, wait_until
 
@@ -32,6 +34,7 @@ def test_stats_sum_rows_in_flight_over_every_gateway(
     cluster = cluster_factory()
     cluster.start("w1")
     apps = [app_factory(cluster.settings) for _ in range(2)]
+    redis = Redis.from_url(cluster.settings.redis_url)
     for app in apps:
         assert app.test_client().get("/v2/health/ready").status_code == 200
     worker = cluster.workers["w1"].proc
@@ -56,6 +59,11 @@ def test_stats_sum_rows_in_flight_over_every_gateway(
             "the first gateway to count the second one's rows too",
         )
         assert apps[0].test_client().get("/stats").json["rows_in_flight_per_node_this_process"] == {"w1": 6}
+        routers = [app.extensions["ringserve"].dispatcher.router for app in apps]
+        wait_until(lambda: [r.peers for r in routers] == [1, 1], 5, "each gateway to count the other one busy")
+        redis.sadd(GATEWAYS_KEY, "gone-gateway")  # a process that reported once, and whose report expired
+        wait_until(lambda: b"gone-gateway" not in redis.smembers(GATEWAYS_KEY), 5, "a load report to prune it")
+        assert [r.peers for r in routers] == [1, 1]  # never counted
     finally:
         worker.send_signal(signal.SIGCONT)
     for t in threads:
