@@ -435,7 +435,8 @@ def _binary_lines(f: dict[str, Any]) -> list[str]:
         if peer is None:
             continue
         if "throughput_rps" not in peer:
-            lines.append(f"     {peer['system']}: not run ({peer['skipped']})")
+            why = "; ".join(sorted(set(peer["skipped"].values())))
+            lines.append(f"     {peer['system']}: not run ({why})")
             continue
         setting = " ".join(f"{k}={v}" for k, v in peer["setting"].items())
         lines.append(

@@ -58,23 +58,22 @@ def peer_best(ctx: Context, args: argparse.Namespace, model: str, runs: list[dic
     load = dataclasses.replace(load_from_args(args), model=model, api="infer")  # the API every peer speaks
     configs = compare.plan([args.peer], args.peer_workers, {"mosec": {"max_wait_ms": args.max_wait_ms}})
     points: list[dict[str, Any]] = []
-    why = ""
+    skipped: dict[str, str] = {}  # settings that did not run, and why
     for config in (c for c in configs if c.system == args.peer):
         try:
             with compare.started(config, ctx, model) as target:
-                doc = trial.by_wrk(
-                    ctx.name, f"{model} {config.label}", target, load, ctx.machine, args.wrk_threads, args.warmup
-                )  # fmt: skip
+                label = f"{model} {config.label}"
+                doc = trial.by_wrk(ctx.name, label, target, load, ctx.machine, args.wrk_threads, args.warmup)
         except trial.PeerUnavailable as exc:
-            why = str(exc)
+            skipped[config.label] = str(exc)
             print(f"skipping {config.label}: {exc}", file=sys.stderr)
-            break  # a peer that cannot run here runs at no setting
+            continue
         runs.append(doc)
         points.append({"setting": dict(config.setting), **compare.figures(doc)})
     if not points:
-        return {"system": args.peer, "skipped": why}
+        return {"system": args.peer, "skipped": skipped}
     top = max(points, key=lambda p: p["throughput_rps"])
-    return {"system": args.peer, "settings_tried": len(points), **top}
+    return {"system": args.peer, "settings_tried": len(points), "skipped": skipped, **top}
 
 
 def run(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
