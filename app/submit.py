@@ -35,6 +35,7 @@ from app.routing import Lease, Router
 from app.schemas import Tensor
 from hashing.membership import Member
 from tasks.contract import (
+    GATEWAY_LOAD_PREFIX,
     GATEWAYS_KEY,
     STATS_ROUTED_KEY,
     STATS_SPILLED_KEY,
@@ -446,7 +447,7 @@ class Dispatcher:
         if not rows and not self._load_reported:
             return
         self._load_reported_at = now
-        args: list[str | int] = [self.gateway_id, LOAD_REPORT_TTL_MS, gateway_load_key("")]
+        args: list[str | int] = [self.gateway_id, LOAD_REPORT_TTL_MS, GATEWAY_LOAD_PREFIX]
         for node, n in rows.items():
             args += (node, n)
         try:

@@ -81,9 +81,12 @@ def member_key(node_id: str) -> str:
     return KEY_PREFIX + "member:" + node_id
 
 
+GATEWAY_LOAD_PREFIX = KEY_PREFIX + "load:"  # + gateway process id: see gateway_load_key
+
+
 def gateway_load_key(gateway_id: str) -> str:
     """Hash node -> rows one gateway process has in flight there (expires unless refreshed)."""
-    return KEY_PREFIX + "load:" + gateway_id
+    return GATEWAY_LOAD_PREFIX + gateway_id
 
 
 def shard_status_key(node_id: str) -> str:

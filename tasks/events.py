@@ -62,7 +62,7 @@ class TaskEvents:
         received: dict[str, Any] = {
             "uuid": task,
             "name": TASK_NAME,
-            "args": what,  # no "kwargs": there are none, and Flower parses it (ast.literal_eval) at every event
+            "args": what,  # and no "kwargs" (see above)
             "root_id": task,
             "parent_id": None,
             "retries": 0,
