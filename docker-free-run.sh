@@ -353,9 +353,7 @@ cmd_test() {
   cd "$ROOT"
   "$VENV/bin/ruff" check .
   "$VENV/bin/mypy" app tasks hashing bench
-  # Tests run as many at a time as there are cores (pytest-xdist): most of a test's time is spent waiting
-  # for processes it started. Arguments after these win, e.g. `test -n 0` for one at a time.
-  exec "$PY" -m pytest -n auto --dist worksteal "$@"
+  exec "$PY" -m pytest "$@"
 }
 
 cmd_bench() {  # a benchmark scenario of BENCHMARKS.md: it starts and stops its own system

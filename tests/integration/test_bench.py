@@ -79,8 +79,8 @@ ENVIRONMENT = {"failover": {"RINGSERVE_MEMBER_TTL_MS": "1000"}}
 # Scenarios whose failed requests are a measured outcome (a killed worker, Redis), reported rather than asserted.
 MAY_FAIL = {"failover", "redis-restart", "sharding"}
 # Scenarios that take longer than the others' 110 s at their tiny size (sharding: four systems, one after another).
-# A tiny scenario's deadline: a safety net only (the suite runs two tests at a time on a 2-core machine,
-# where a tiny scenario takes 20-70 s, sharding 150 s).
+# A tiny scenario's deadline: a safety net only (a tiny scenario takes 20-70 s on a slow 2-core machine,
+# sharding 105-150 s).
 SCENARIO_TIMEOUT_S = 240
 TIMEOUT_S = {"sharding": 480}
 CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
