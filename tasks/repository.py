@@ -7,6 +7,8 @@ Weights of version V of model M come from one of two places:
 * or, when config.json says ``"synthetic": {"seed": 7, "arrays": {"w1": [1024, 4096], ...}}``,
   generated from the seed (the same arrays for every version). Such a model's description
   must say it is synthetic, so that nobody mistakes its predictions for meaningful ones.
+  They are drawn once per host and kept in ``models/M/.synthetic/<fingerprint>/`` (see
+  :func:`stored_synthetic_weights`).
 
 A table the config declares ``sharding`` is always ``models/M/V/<table>.npy``, opened as a
 :class:`tasks.shards.ShardedTable` that holds no row until told which (by the worker's
@@ -18,8 +20,12 @@ generated on first use (``sharding.rows`` rows) if the file is missing or of ano
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import math
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +42,7 @@ from tasks.shards import Shard, ShardedTable, write_table
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.npz"
+SYNTHETIC_FOLDER = ".synthetic"  # models/M/.synthetic/<fingerprint>/<array>.npy: drawn weights, kept
 
 
 class UnknownModelError(KeyError):
@@ -66,6 +73,55 @@ def synthetic_weights(seed: int, arrays: Mapping[str, list[int]]) -> dict[str, n
     return weights
 
 
+def stored_synthetic_weights(metadata: ModelMetadata, seed: int, arrays: Mapping[str, list[int]]) -> dict[str, Any]:
+    """:func:`synthetic_weights`, drawn once per host into the model's folder and mapped from there after.
+
+    Why: drawing heavy's 25 M normals costs a core 0.5 s idle and 2.4 s on a loaded 2-core host,
+    the largest part of a restarted worker's way back into the ring; mapping them costs nothing, and
+    the workers of a host share their pages. The folder is named by a hash of the seed and shapes, so
+    a changed config draws anew. A folder that cannot be written (a read-only repository) or read
+    back (garbage) only means drawing them in memory, as before.
+    """
+    fingerprint = hashlib.sha256(json.dumps([seed, sorted(arrays.items())]).encode()).hexdigest()[:16]
+    folder = metadata.path / SYNTHETIC_FOLDER / fingerprint
+    if not folder.is_dir():
+        weights = synthetic_weights(seed, arrays)
+        try:
+            _write_arrays(folder, weights)
+        except OSError as exc:
+            log.warning("model %s: synthetic weights not kept (%s); drawn at each start", metadata.name, exc)
+            return weights
+    try:
+        return {name: _mapped(folder / f"{name}.npy", shape) for name, shape in arrays.items()}
+    except (OSError, ValueError) as exc:
+        log.warning("model %s: synthetic weights in %s unreadable (%s); drawn again", metadata.name, folder, exc)
+        return synthetic_weights(seed, arrays)
+
+
+def _mapped(path: Path, shape: list[int]) -> np.ndarray:
+    """A kept float32 array of ``shape``, mapped read-only; ValueError if the file holds anything else."""
+    array = np.asarray(np.load(path, mmap_mode="r"))
+    if array.shape != tuple(shape) or array.dtype != np.float32:
+        raise ValueError(f"{path.name} holds {array.dtype}{array.shape}, not float32{tuple(shape)}")
+    return array
+
+
+def _write_arrays(folder: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Every array as ``<name>.npy`` in ``folder``, written beside it and renamed into place, so a
+    reader never sees half of them; of workers writing at once, the first rename wins."""
+    temporary = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    temporary.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, array in arrays.items():
+            np.save(temporary / f"{name}.npy", array)
+        os.rename(temporary, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def _synthetic_spec(metadata: ModelMetadata, spec: Any) -> tuple[int, dict[str, list[int]]]:
     where = f"model {metadata.name} synthetic"
     if "synthetic" not in str(metadata.config.get("description", "")).lower():
@@ -84,7 +140,9 @@ def load_weights(metadata: ModelMetadata, version: str) -> dict[str, Any]:
     """The arrays of one version, by name (see the module docstring for where they come from)."""
     spec = metadata.config.get("synthetic")
     weights: dict[str, Any] = (
-        synthetic_weights(*_synthetic_spec(metadata, spec)) if spec is not None else _files(metadata, version)
+        stored_synthetic_weights(metadata, *_synthetic_spec(metadata, spec))
+        if spec is not None
+        else _files(metadata, version)
     )
     if metadata.sharding is not None:
         weights[metadata.sharding.table] = sharded_table(metadata, version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
+from tasks import repository
 from tasks.engine import InputError, Model, softmax
 from tasks.metadata import ModelConfigError
-from tasks.repository import Repository, UnknownModelError, load_weights, synthetic_weights
+from tasks.repository import SYNTHETIC_FOLDER, Repository, UnknownModelError, load_weights, synthetic_weights
 
 MLP_LAYERS = [
     {"type": "dense", "weight": "w1", "bias": "b1"},
@@ -210,6 +212,51 @@ def test_synthetic_model_must_say_so(tmp_path: Path) -> None:
     (tmp_path / "fake" / "config.json").write_text(json.dumps({"name": "fake", **config}))
     out = Repository(tmp_path).get("fake").forward({"x": np.ones((3, 4))})["p"]
     assert out.shape == (3, 2)
+
+
+SYNTHETIC_CONFIG = {
+    "description": "synthetic weights from seed 3",
+    "inputs": [tensor("x", "FP32", 4)],
+    "outputs": [tensor("p", "FP32", 2)],
+    "synthetic": {"seed": 3, "arrays": {"w": [4, 2], "b": [2]}},
+    "layers": [{"type": "dense", "weight": "w", "bias": "b"}, {"type": "softmax"}],
+}
+
+
+def test_synthetic_weights_are_drawn_once_and_mapped_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
+    drawn = synthetic_weights(3, {"w": [4, 2], "b": [2]})
+    first = Repository(tmp_path).get("fake").forward({"x": np.ones((3, 4))})["p"]
+    [kept] = (tmp_path / "fake" / SYNTHETIC_FOLDER).iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == ["b.npy", "w.npy"]
+
+    def no_drawing(*_: object) -> None:
+        raise AssertionError("drawn again although kept")
+
+    monkeypatch.setattr(repository, "synthetic_weights", no_drawing)
+    weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
+    np.testing.assert_array_equal(weights["w"], drawn["w"])
+    assert not weights["w"].flags.writeable  # mapped from the file, not a copy
+    again = Repository(tmp_path).get("fake").forward({"x": np.ones((3, 4))})["p"]
+    np.testing.assert_array_equal(first, again)
+
+
+def test_synthetic_weights_kept_as_garbage_or_not_kept_are_drawn(tmp_path: Path) -> None:
+    write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
+    drawn = synthetic_weights(3, {"w": [4, 2], "b": [2]})
+    Repository(tmp_path).get("fake")
+    [kept] = (tmp_path / "fake" / SYNTHETIC_FOLDER).iterdir()
+    for garbage in (b"not an array", np.zeros((2, 4), dtype=np.float32)):
+        if isinstance(garbage, bytes):
+            (kept / "w.npy").write_bytes(garbage)
+        else:
+            np.save(kept / "w.npy", garbage)  # a float32 array of another shape
+        weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
+        np.testing.assert_array_equal(weights["w"], drawn["w"])
+    shutil.rmtree(tmp_path / "fake" / SYNTHETIC_FOLDER)
+    (tmp_path / "fake" / SYNTHETIC_FOLDER).write_text("a file where the folder would go: nothing can be kept")
+    weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
+    np.testing.assert_array_equal(weights["w"], drawn["w"])
 
 
 def test_repository_caches_and_names_unknown_models(mlp: Model, tmp_path: Path) -> None:
