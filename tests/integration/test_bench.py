@@ -263,6 +263,7 @@ def test_scenario_at_tiny_size(name: str, tmp_path: Path) -> None:
     if name == "hotkey":
         levels = findings["hotkey"]["levels"]
         assert [p["concurrent"] for p in levels] == [4]  # --tiny: --concurrent 4, the only level
+        assert runs[0]["config"]["model"] == "heavy"  # a hot key can overload a heavy worker, not a digits one
         modes = levels[0]["modes"]
         assert [m["load_factor"] for m in modes.values()] == [1.25, 0.0]
         for m, run in zip(modes.values(), runs, strict=True):
