@@ -78,24 +78,25 @@ def stored_synthetic_weights(metadata: ModelMetadata, seed: int, arrays: Mapping
 
     Why: drawing heavy's 25 M normals costs a core 0.5 s idle and 2.4 s on a loaded 2-core host,
     the largest part of a restarted worker's way back into the ring; mapping them costs nothing, and
-    the workers of a host share their pages. The folder is named by a hash of the seed and shapes, so
-    a changed config draws anew. A folder that cannot be written (a read-only repository) or read
-    back (garbage) only means drawing them in memory, as before.
+    the workers of a host share their pages. The folder is named by a hash of the seed and the arrays
+    in their order (the order they are drawn in), so a changed config draws anew. Kept arrays that do
+    not read back (garbage) are drawn and kept again; a folder that cannot be written (a read-only
+    repository) only means drawing them at every start.
     """
-    fingerprint = hashlib.sha256(json.dumps([seed, sorted(arrays.items())]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([seed, list(arrays.items())]).encode()).hexdigest()[:16]
     folder = metadata.path / SYNTHETIC_FOLDER / fingerprint
-    if not folder.is_dir():
-        weights = synthetic_weights(seed, arrays)
+    if folder.is_dir():
         try:
-            _write_arrays(folder, weights)
-        except OSError as exc:
-            log.warning("model %s: synthetic weights not kept (%s); drawn at each start", metadata.name, exc)
-            return weights
+            return {name: _mapped(folder / f"{name}.npy", shape) for name, shape in arrays.items()}
+        except (OSError, ValueError) as exc:
+            log.warning("model %s: synthetic weights in %s unreadable (%s); drawn again", metadata.name, folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    weights = synthetic_weights(seed, arrays)
     try:
-        return {name: _mapped(folder / f"{name}.npy", shape) for name, shape in arrays.items()}
-    except (OSError, ValueError) as exc:
-        log.warning("model %s: synthetic weights in %s unreadable (%s); drawn again", metadata.name, folder, exc)
-        return synthetic_weights(seed, arrays)
+        _write_arrays(folder, weights)
+    except OSError as exc:
+        log.warning("model %s: synthetic weights not kept (%s); drawn at each start", metadata.name, exc)
+    return weights
 
 
 def _mapped(path: Path, shape: list[int]) -> np.ndarray:
@@ -131,6 +132,8 @@ def _synthetic_spec(metadata: ModelMetadata, spec: Any) -> tuple[int, dict[str, 
         arrays = {str(name): [int(d) for d in shape] for name, shape in spec["arrays"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelConfigError(f"{where}: needs an integer seed and arrays {{name: shape}} ({exc})") from None
+    if not all(name.isidentifier() for name in arrays):  # each names a file where they are kept
+        raise ModelConfigError(f"{where}: array names must be identifiers, got {sorted(arrays)}")
     if any(not shape or min(shape) <= 0 for shape in arrays.values()):
         raise ModelConfigError(f"{where}: every array shape must be non-empty and positive, got {arrays}")
     return seed, arrays

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +222,16 @@ SYNTHETIC_CONFIG = {
 }
 
 
+def no_drawing(*_: object) -> None:
+    raise AssertionError("drawn again although kept")
+
+
 def test_synthetic_weights_are_drawn_once_and_mapped_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
     drawn = synthetic_weights(3, {"w": [4, 2], "b": [2]})
     first = Repository(tmp_path).get("fake").forward({"x": np.ones((3, 4))})["p"]
     [kept] = (tmp_path / "fake" / SYNTHETIC_FOLDER).iterdir()
     assert sorted(p.name for p in kept.iterdir()) == ["b.npy", "w.npy"]
-
-    def no_drawing(*_: object) -> None:
-        raise AssertionError("drawn again although kept")
 
     monkeypatch.setattr(repository, "synthetic_weights", no_drawing)
     weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
@@ -241,22 +241,50 @@ def test_synthetic_weights_are_drawn_once_and_mapped_after(tmp_path: Path, monke
     np.testing.assert_array_equal(first, again)
 
 
-def test_synthetic_weights_kept_as_garbage_or_not_kept_are_drawn(tmp_path: Path) -> None:
+def test_synthetic_arrays_in_another_order_are_kept_apart(tmp_path: Path) -> None:
+    """The arrays are drawn in the config's order: reordered, they are other weights."""
+    write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
+    load_weights(Repository(tmp_path).metadata("fake"), "1")
+    reordered = {**SYNTHETIC_CONFIG, "synthetic": {"seed": 3, "arrays": {"b": [2], "w": [4, 2]}}}
+    (tmp_path / "fake" / "config.json").write_text(json.dumps({"name": "fake", "versions": ["1"], **reordered}))
+    weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
+    np.testing.assert_array_equal(weights["w"], synthetic_weights(3, {"b": [2], "w": [4, 2]})["w"])
+    assert len(list((tmp_path / "fake" / SYNTHETIC_FOLDER).iterdir())) == 2
+
+
+def test_synthetic_weights_kept_as_garbage_are_drawn_and_kept_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
     drawn = synthetic_weights(3, {"w": [4, 2], "b": [2]})
-    Repository(tmp_path).get("fake")
+    metadata = Repository(tmp_path).metadata("fake")
+    load_weights(metadata, "1")
     [kept] = (tmp_path / "fake" / SYNTHETIC_FOLDER).iterdir()
-    for garbage in (b"not an array", np.zeros((2, 4), dtype=np.float32)):
+    for garbage in (b"not an array", np.zeros((2, 4), dtype=np.float32), np.zeros((4, 2), dtype=np.float64)):
         if isinstance(garbage, bytes):
             (kept / "w.npy").write_bytes(garbage)
         else:
-            np.save(kept / "w.npy", garbage)  # a float32 array of another shape
-        weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
+            np.save(kept / "w.npy", garbage)  # an array of another shape or type
+        np.testing.assert_array_equal(load_weights(metadata, "1")["w"], drawn["w"])
+        with monkeypatch.context() as patch:
+            patch.setattr(repository, "synthetic_weights", no_drawing)
+            weights = load_weights(metadata, "1")  # kept again: mapped, not drawn
         np.testing.assert_array_equal(weights["w"], drawn["w"])
-    shutil.rmtree(tmp_path / "fake" / SYNTHETIC_FOLDER)
+
+
+def test_synthetic_weights_that_cannot_be_kept_are_drawn(tmp_path: Path) -> None:
+    write_model(tmp_path, "fake", SYNTHETIC_CONFIG)
     (tmp_path / "fake" / SYNTHETIC_FOLDER).write_text("a file where the folder would go: nothing can be kept")
     weights = load_weights(Repository(tmp_path).metadata("fake"), "1")
-    np.testing.assert_array_equal(weights["w"], drawn["w"])
+    np.testing.assert_array_equal(weights["w"], synthetic_weights(3, {"w": [4, 2], "b": [2]})["w"])
+
+
+def test_synthetic_array_names_must_be_identifiers(tmp_path: Path) -> None:
+    config = {**SYNTHETIC_CONFIG, "synthetic": {"seed": 3, "arrays": {"../w": [4, 2], "b": [2]}}}
+    write_model(tmp_path, "fake", config)
+    with pytest.raises(ModelConfigError, match="identifiers"):
+        Repository(tmp_path).get("fake")
+    assert not (tmp_path / SYNTHETIC_FOLDER).exists() and not (tmp_path / "fake" / SYNTHETIC_FOLDER).exists()
 
 
 def test_repository_caches_and_names_unknown_models(mlp: Model, tmp_path: Path) -> None:
