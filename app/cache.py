@@ -16,7 +16,7 @@ stops renewing) or never after its own deadline; finding no lock, it computes it
 
 Lookups travel with the requests they precede: the request thread hands its request to the
 sender (:mod:`app.submit`) with the lookup attached, and the sender makes every lookup of its cycle
-in one pipeline before it sends their requests. An entry found ends the request there; a lock
+in one script call before it sends their requests. An entry found ends the request there; a lock
 taken sends it on. So a miss costs no hand-over of its own: a lookup round trip on each request
 thread cost the gateway about 0.11 ms of CPU per request, and a reader thread to batch them as much
 again in hand-overs (docs/benchmarks.md, "cache"). What happens after the answer (storing it,
@@ -85,17 +85,25 @@ EVICT_PER_STORE = 1_000  # entries a store evicts at most, so that no script hol
 FLUSH_S = 0.01  # the writer waits this long after a job for others: one round trip stores many answers
 WAITED = "no result within the request's deadline (an identical request was being computed)"
 
-# KEYS[1] the entry, KEYS[2] the counters; ARGV: the lock to take, its lease, the counter of a hit,
-# the lock prefix. Returns the entry (an answer or another's lock), or nothing: the lock is ours.
+# Every lookup of a sender cycle in one call. KEYS[1] the counters, then each entry; ARGV[1] the lease, ARGV[2] the
+# lock prefix, then per entry: the lock to take, the counter a found answer adds to. Returns, per entry, what it
+# held (an answer or another's lock), or 0: the lock is ours now. The counters get one HINCRBY per name.
 LOOKUP = """
-local found = redis.call('GET', KEYS[1])
-if found then
-  if string.sub(found, 1, #ARGV[4]) ~= ARGV[4] then redis.call('HINCRBY', KEYS[2], ARGV[3], 1) end
-  return found
+local lease, prefix, found, counts = ARGV[1], ARGV[2], {}, {}
+for i = 2, #KEYS do
+  local entry = redis.call('GET', KEYS[i])
+  local counter = 'misses'
+  if entry then
+    counter = string.sub(entry, 1, #prefix) ~= prefix and ARGV[2 * i] or nil
+    found[i - 1] = entry
+  else
+    redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', lease)
+    found[i - 1] = 0
+  end
+  if counter then counts[counter] = (counts[counter] or 0) + 1 end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'misses', 1)
-return false
+for counter, n in pairs(counts) do redis.call('HINCRBY', KEYS[1], counter, n) end
+return found
 """
 
 # KEYS: index, sizes, bytes, then per entry: its key, its waiting flag, its done stream.
@@ -348,34 +356,27 @@ class Cache:
                 self.waiting -= 1
 
     def look(self, lookups: list[Lookup]) -> None:
-        """LOOKUP every entry of ``lookups`` in one pipeline (the sender's, for the requests of its
+        """LOOKUP every entry of ``lookups`` in one script call (the sender's, for the requests of its
         cycle); a Redis that lost its scripts (a restart) is given them again once. Sets each lookup's
         ``found`` or ``error``."""
-
-        def fill(pipe: Pipeline) -> None:
-            for lookup in lookups:
-                pipe.evalsha(
-                    SHA1[LOOKUP],
-                    2,
-                    cache_entry_key(lookup.digest),
-                    STATS_CACHE_KEY,
-                    lookup.lock,
-                    LEASE_MS,
-                    lookup.hit,
-                    CACHE_LOCK_PREFIX,
-                )
-
+        keys = [STATS_CACHE_KEY, *(cache_entry_key(lookup.digest) for lookup in lookups)]
+        args: list[Any] = [LEASE_MS, CACHE_LOCK_PREFIX]
+        for lookup in lookups:
+            args += [lookup.lock, lookup.hit]
         try:
-            results = self._run_scripts(fill, [LOOKUP], self._lookup_redis)
+            (found,) = self._run_scripts(
+                lambda pipe: pipe.evalsha(SHA1[LOOKUP], len(keys), *keys, *args), [LOOKUP], self._lookup_redis
+            )
+            if isinstance(found, Exception):
+                raise found
+            if not isinstance(found, list) or len(found) != len(lookups):
+                raise RedisError(f"the lookup script answered {type(found).__name__}, not {len(lookups)} entries")
         except RedisError as exc:
             for lookup in lookups:
                 lookup.error = exc
             return
-        for lookup, result in zip(lookups, results, strict=True):
-            if isinstance(result, Exception):
-                lookup.error = result
-            else:
-                lookup.found = result
+        for lookup, entry in zip(lookups, found, strict=True):
+            lookup.found = entry if isinstance(entry, bytes) else None
 
     def _run_scripts(
         self, fill: Callable[[Pipeline], None], scripts: Sequence[str], redis: Redis | None = None

@@ -23,7 +23,7 @@ from flask.testing import FlaskClient
 from redis import Redis
 
 from app.binary import HEADER
-from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, digest
+from app.cache import ENTRY_OVERHEAD_BYTES, LEASE_MS, RETRY_S, STORE, Cache, digest
 from app.schemas import parse_simple
 from app.submit import Lookup
 from tasks.contract import (
@@ -37,6 +37,7 @@ from tasks.contract import (
     cache_done_key,
     cache_entry_key,
     decode_cached,
+    decode_counts,
 )
 from tasks.metadata import load_repository
 from tasks.settings import Settings
@@ -334,7 +335,7 @@ def test_the_sender_looks_up_a_cycles_requests_in_one_round_trip_before_sending_
     apps: Apps, shared_cluster: Cluster
 ) -> None:
     """While the sender makes one lookup, 19 more requests queue: its next cycle looks them all up in one
-    pipeline. Misses are sent and computed; the same rows again are answered from the cache, unsent."""
+    script call. Misses are sent and computed; the same rows again are answered from the cache, unsent."""
     app = apps()
     client = app.test_client()
     assert infer(client, fresh_row())[1]["cached"] is False  # the gateway's threads run
@@ -389,3 +390,27 @@ def test_a_lookup_that_fails_is_a_miss_and_the_sender_lives_on(apps: Apps) -> No
     assert status == 200 and answer["cached"] is False and routed(client) == before + 1  # computed
     assert gateway.cache.errors == 1 and gateway.dispatcher.alive
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_one_script_call_looks_up_a_cycle_counting_hits_and_misses(shared_cluster: Cluster) -> None:
+    """An answer is found and counted a hit, another's lock is found and counted nothing, an empty entry
+    takes our lock (with its lease) and counts a miss; the counters get what every lookup added."""
+    redis = shared_cluster.redis
+    clear(redis)
+    answer, theirs = b"\x81\xa1v\x01", CACHE_LOCK_PREFIX + b"other:1"
+    redis.set(cache_entry_key("a" * 64), answer)
+    redis.set(cache_entry_key("b" * 64), theirs)
+    cache = Cache(redis, ttl_s=60, max_bytes=10**6, owner="test")
+    mine = [CACHE_LOCK_PREFIX + f"test:{i}".encode() for i in range(4)]
+    lookups = [Lookup("a" * 64, mine[0], "hits"), Lookup("b" * 64, mine[1], "hits")]
+    lookups += [Lookup("c" * 64, mine[2], "hits"), Lookup("a" * 64, mine[3], "coalesced")]
+    cache.look(lookups)
+    assert [lookup.found for lookup in lookups] == [answer, theirs, None, answer]
+    assert [lookup.error for lookup in lookups] == [None] * 4
+    assert redis.get(cache_entry_key("c" * 64)) == mine[2] and 0 < redis.pttl(cache_entry_key("c" * 64)) <= LEASE_MS
+    assert redis.get(cache_entry_key("b" * 64)) == theirs  # another's lock stays
+    assert decode_counts(redis.hgetall(STATS_CACHE_KEY)) == {"hits": 1, "coalesced": 1, "misses": 1}
+    redis.script_flush()  # as after a restart: the script is loaded again, once
+    cache.look([Lookup("d" * 64, mine[0], "hits")])
+    assert redis.get(cache_entry_key("d" * 64)) == mine[0]
+    clear(redis)
