@@ -6,8 +6,8 @@ trip per request; a flush; a worker's counts per batch, and its task events per 
 and 24 to a message; a real Flower's CPU per event (its own redis-server, from
 ``$RINGSERVE_REDIS_SERVER`` or PATH, and Flower on free ports). ``--exact``: the medium load against
 a system of ./docker-free-run.sh, /metrics scraped around it. ``--overhead N``: N wrk rounds of
-metrics and events on, metrics only, and both off. Results as JSON on stdout; run directories under
-``--out``.
+metrics and events on, metrics only, and both off (``--model``, digits by default). Results as JSON
+on stdout; run directories under ``--out``.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def exact(run_dir: Path, requests: int = 5000, concurrent: int = 50) -> dict[str
 OVERHEAD = {"on": {}, "metrics_only": {"TASK_EVENTS": "off"}, "off": {"METRICS": "off", "TASK_EVENTS": "off"}}
 
 
-def overhead(run_dir: Path, rounds: int, duration_s: float = 10) -> dict[str, Any]:
+def overhead(run_dir: Path, rounds: int, model: str = "digits", duration_s: float = 10) -> dict[str, Any]:
     """Metrics and events on, metrics only, both off, driven by wrk (50 connections), in rounds whose
     order alternates (on, metrics only, off; then off, metrics only, on; ...) so that a drift of a
     shared machine favours none."""
@@ -258,7 +258,7 @@ def overhead(run_dir: Path, rounds: int, duration_s: float = 10) -> dict[str, An
     for r in range(rounds):
         for name in list(OVERHEAD) if r % 2 == 0 else list(OVERHEAD)[::-1]:
             with RingServe(run_dir / f"{name}-{r}", workers=3, settings=OVERHEAD[name]) as system:
-                load = Load(url=system.url, requests=None, duration_s=duration_s, concurrent=50)
+                load = Load(url=system.url, requests=None, duration_s=duration_s, concurrent=50, model=model)
                 doc = by_wrk("metrics_cost", name, ringserve_target(system), load, machine.describe())
             cpu = doc["server"]["cpu"]["cpu_ms_per_request"]
             runs.append(
@@ -281,13 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.metrics_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--exact", action="store_true", help="the medium load: /metrics against the client's figures")
     parser.add_argument("--overhead", type=int, metavar="ROUNDS", help="wrk rounds: on, metrics only, off")
+    parser.add_argument("--model", default="digits", help="the --overhead load's model (digits: the medium load's)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "metrics_cost")
     args = parser.parse_args(argv)
     found: dict[str, Any] = {"pieces_cpu_us": pieces()} if not (args.exact or args.overhead) else {}
     if args.exact:
         found["exact"] = exact(args.out / "run" / "exact")
     if args.overhead:
-        found["overhead"] = overhead(args.out / "run", args.overhead)
+        found["overhead"] = overhead(args.out / "run", args.overhead, args.model)
     print(json.dumps(found, indent=1))
 
 
